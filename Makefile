@@ -1,0 +1,45 @@
+# discgeo — thin aliases. CI runs `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD ?= build
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: setup run test test-fast lint typecheck format bench clean
+
+setup: $(STAMP)
+
+# One environment for everything: the torch pin makes pip take the CPU wheel on the build machines,
+# onnxruntime-gpu is the only ONNX runtime (it runs on CPU too).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,geometry,services,models]'
+	@touch $@
+
+# The main job on a built-in sample: a synthetic lumbar study written as DICOM and read back.
+run: setup
+	rm -rf $(BUILD)/sample
+	$(VENV)/bin/discgeo phantom $(BUILD)/sample --cases 1 --seed 42 --format dicom --contrast t1 --quiet
+	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: setup
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache

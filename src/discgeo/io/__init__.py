@@ -1,0 +1,31 @@
+"""Readers and writers. :func:`read_volume` picks the reader from what the path is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from discgeo.config import Settings
+from discgeo.errors import NotFoundError
+from discgeo.io.dicom import read_dicom
+from discgeo.io.mha import read_mha
+from discgeo.io.nifti import read_nifti, write_nifti
+from discgeo.volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
+
+
+def read_volume(path: str | Path, *, settings: Settings | None = None, labels: bool = False) -> Volume:
+    """Read an image or label volume from NIfTI, MetaImage/NRRD, or DICOM (folder, zip or file)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"{path} does not exist")
+    name = path.name.lower()
+    if path.is_file() and name.endswith(NIFTI_SUFFIXES):
+        return read_nifti(path, settings=settings, labels=labels)
+    if path.is_file() and name.endswith(ITK_SUFFIXES):
+        return read_mha(path, settings=settings, labels=labels)
+    return read_dicom(path, settings=settings)
+
+
+__all__ = ["read_dicom", "read_mha", "read_nifti", "read_volume", "write_nifti"]

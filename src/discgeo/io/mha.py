@@ -1,0 +1,47 @@
+"""MetaImage (.mha/.mhd) and other SimpleITK-readable volumes, e.g. the SPIDER dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from discgeo.config import Settings
+from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError
+from discgeo.io.nifti import _smallest_int
+from discgeo.volume import LPS_TO_RAS, Volume, check_finite, check_size
+
+
+def read_mha(path: str | Path, *, settings: Settings | None = None, labels: bool = False) -> Volume:
+    """Read a MetaImage file as a canonical (RAS+) volume (ITK stores LPS geometry)."""
+    settings = settings or Settings.from_env()
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{path} does not exist")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise CorruptFileError(f"{path.name} is not a readable MetaImage header") from None
+    size = tuple(int(n) for n in reader.GetSize())
+    if len(size) != 3 or reader.GetNumberOfComponents() != 1:
+        raise InvalidDataError(f"{path.name} has size {size} with {reader.GetNumberOfComponents()} components; "
+                               "discgeo needs one scalar 3D volume")
+    check_size(size, settings, what=path.name)
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        raise CorruptFileError(f"{path.name} is truncated or damaged (pixel data unreadable)") from None
+    data = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)  # ITK arrays are (z, y, x)
+    check_finite(data, what=path.name)
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    affine = LPS_TO_RAS @ affine
+    array = _smallest_int(np.asarray(data)) if labels else np.asarray(data, dtype=np.float32)
+    volume = Volume(np.ascontiguousarray(array), affine, size, (), {"format": "metaimage"})
+    object.__setattr__(volume, "source_axcodes", volume.axcodes)
+    return volume.canonical()

@@ -1,0 +1,76 @@
+"""NIfTI-1/2 volumes (nibabel)."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from discgeo.config import Settings
+from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError, UnsupportedFormatError
+from discgeo.volume import Volume, check_finite, check_size
+
+
+def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bool = False) -> Volume:
+    """Read a NIfTI file as a canonical (RAS+) volume.
+
+    Images come back as float32; with ``labels=True`` the voxels must be integers and come back as
+    the smallest fitting integer type.
+    """
+    settings = settings or Settings.from_env()
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{path} does not exist")
+    try:
+        image = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError:
+        raise UnsupportedFormatError(f"{path.name} is not a NIfTI file") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise CorruptFileError(f"{path.name} is truncated or damaged: {type(exc).__name__}") from None
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise UnsupportedFormatError(f"{path.name} is a {type(image).__name__}, not NIfTI")
+    shape = tuple(int(n) for n in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InvalidDataError(f"{path.name} has shape {image.shape}; discgeo needs one 3D volume")
+    check_size(shape, settings, what=path.name)
+    try:
+        data = np.asanyarray(image.dataobj).reshape(shape)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise CorruptFileError(f"{path.name} is truncated or damaged: {type(exc).__name__}") from None
+    check_finite(data, what=path.name)
+    affine = image.affine
+    if labels:
+        if data.dtype.kind == "f":
+            if not np.array_equal(data, np.rint(data)):
+                raise InvalidDataError(f"{path.name}: a label map must hold integers")
+            data = data.astype(np.int32)
+        array = _smallest_int(data)
+    else:
+        array = data.astype(np.float32, copy=False)
+    source_axcodes = tuple(str(c) for c in nib.aff2axcodes(affine))
+    return Volume(array, affine, shape, source_axcodes, {"format": "nifti"}).canonical()
+
+
+def write_nifti(volume: Volume, path: str | Path) -> Path:
+    """Write ``volume`` (any orientation) as NIfTI with its affine in both sform and qform."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(volume.array, volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def _smallest_int(data: np.ndarray) -> np.ndarray:
+    lo, hi = int(data.min()), int(data.max())
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return data.astype(dtype, copy=False)
+    raise InvalidDataError(f"label values {lo}..{hi} do not fit 32-bit integers")
+

@@ -1,0 +1,603 @@
+"""Synthetic sagittal lumbar spine MRI with exact ground truth.
+
+A phantom is built in patient space (RAS+ millimetres) as a kinematic chain from the sacrum upwards:
+disc, vertebral body, disc, ... Every disc is a slab whose cross-section (in its own mid-plane) is a
+superellipse and whose thickness varies linearly from posterior to anterior (the wedge) plus a
+parabolic dome (the endplate concavity)::
+
+    rho(u, v) = (|u/a|^p + |v/b|^p)^(1/p) <= 1           a = AP width / 2, b = lateral width / 2
+    H(u, v)   = h + g*u + dome*(1 - rho^2),   -H/2 <= w <= H/2,   g = 2*tan(wedge/2)
+
+with ``u`` the disc's anterior axis, ``v`` its lateral (right) axis and ``w`` its cranial normal.
+Vertebral bodies use the same shape without a dome; pedicles, laminae and spinous processes are
+boxes; the spinal canal runs behind the bodies. Ground truth of every disc measurement is computed
+by numerical integration of these formulas on a 0.08 mm grid, independently of any voxel grid; the
+label map is sampled at voxel centres (SPIDER label convention, see :mod:`discgeo.levels`).
+
+The image is rendered from tissue classes with T1- or T2-like intensities, texture, blur (partial
+volume), a smooth bias field and Rician noise, then stored as 12-bit integers so that a DICOM round
+trip is exact. Narrowing follows the clinical idea: a narrowed disc is markedly thinner than the
+patient's own normal for that level (and than its neighbours), is more common low in the spine and
+with age, looks darker on T2, and bulges; the graded label has ~7% label noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from scipy import ndimage
+
+from discgeo import levels
+from discgeo.volume import Volume
+
+Contrast = Literal["t1", "t2"]
+TRUTH_GRID_MM = 0.08
+
+# Normal disc height per level relative to the patient's base height, lowest disc first.
+_LEVEL_HEIGHT = (0.95, 1.08, 1.02, 0.94, 0.86, 0.74, 0.66, 0.62)
+# Prior probability of narrowing per level for a 50-year-old, lowest disc first.
+_LEVEL_NARROWING = (0.30, 0.30, 0.17, 0.11, 0.08, 0.05, 0.05, 0.05)
+LABEL_NOISE = 0.07
+# Mean disc wedge per level in degrees (lordotic lumbar discs, flat thoracolumbar ones), lowest first.
+_LEVEL_WEDGE = (11.0, 8.0, 6.0, 4.0, 2.5, 0.5, -1.0, -1.5)
+
+# Tissue classes and their (T1, T2) intensities before texture, bias and noise.
+_TISSUES: dict[str, tuple[float, float]] = {
+    "air": (0.0, 0.0),
+    "muscle": (0.32, 0.22),
+    "fat": (0.92, 0.70),
+    "abdomen": (0.45, 0.48),
+    "vessel": (0.05, 0.04),
+    "marrow": (0.62, 0.40),
+    "cortex": (0.10, 0.08),
+    "canal": (0.16, 1.00),
+    "annulus": (0.34, 0.24),
+    "nucleus": (0.40, 0.88),
+    "nucleus_degenerated": (0.33, 0.36),
+}
+_TISSUE_INDEX = {name: i for i, name in enumerate(_TISSUES)}
+
+
+# --------------------------------------------------------------------------------------- anatomy
+def _rot_x(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def _rot_y(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def _rot_z(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+def frame_basis(sagittal_deg: float, frontal_deg: float = 0.0, axial_deg: float = 0.0) -> np.ndarray:
+    """Columns (u, v, w) of a local frame in RAS+: u anterior, v right, w cranial.
+
+    ``sagittal_deg`` tilts u towards superior (anterior end cranial), ``frontal_deg`` tilts v
+    towards superior, ``axial_deg`` turns u towards the patient's right.
+    """
+    base = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).T  # u=A, v=R, w=S
+    rot = _rot_z(-math.radians(axial_deg)) @ _rot_y(-math.radians(frontal_deg)) @ _rot_x(math.radians(sagittal_deg))
+    return rot @ base
+
+
+@dataclass(frozen=True, kw_only=True)
+class Slab:
+    """Superellipse slab in a local frame (discs and vertebral bodies)."""
+
+    center: np.ndarray
+    basis: np.ndarray
+    a: float
+    b: float
+    p: float
+    h: float
+    wedge_deg: float
+    dome: float = 0.0
+
+    @property
+    def g(self) -> float:
+        """Height gradient along u (mm per mm)."""
+        return 2.0 * math.tan(math.radians(self.wedge_deg) / 2.0)
+
+    @property
+    def radius(self) -> float:
+        """Bounding radius in mm."""
+        return math.sqrt(self.a**2 + self.b**2 + (self.h / 2 + abs(self.g) * self.a / 2 + self.dome) ** 2)
+
+    def rho(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Superellipse radius (<= 1 inside the cross-section)."""
+        return (np.abs(u / self.a) ** self.p + np.abs(v / self.b) ** self.p) ** (1.0 / self.p)
+
+    def thickness(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """H(u, v): thickness along w (0 outside the cross-section)."""
+        rho = self.rho(u, v)
+        height = self.h + self.g * u + self.dome * (1.0 - np.minimum(rho, 1.0) ** 2)
+        return np.where(rho <= 1.0, np.maximum(height, 0.0), 0.0)
+
+    def inside(self, local: np.ndarray) -> np.ndarray:
+        """Membership of points given in local (u, v, w) coordinates."""
+        u, v, w = local[..., 0], local[..., 1], local[..., 2]
+        return np.abs(w) <= self.thickness(u, v) / 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Box:
+    """Axis-aligned box in a local frame (posterior elements, canal segments)."""
+
+    center: np.ndarray
+    basis: np.ndarray
+    lo: tuple[float, float, float]
+    hi: tuple[float, float, float]
+
+    @property
+    def radius(self) -> float:
+        """Bounding radius in mm."""
+        corners = np.array([[x, y, z] for x in (self.lo[0], self.hi[0]) for y in (self.lo[1], self.hi[1])
+                            for z in (self.lo[2], self.hi[2])])
+        return float(np.max(np.linalg.norm(corners, axis=1)))
+
+    def inside(self, local: np.ndarray) -> np.ndarray:
+        """Membership of points given in local coordinates."""
+        inside = (local[..., 0] >= self.lo[0]) & (local[..., 0] <= self.hi[0])
+        for axis in (1, 2):
+            inside &= (local[..., axis] >= self.lo[axis]) & (local[..., axis] <= self.hi[axis])
+        return inside
+
+
+Shape = Slab | Box
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscTruth:
+    """One disc of a phantom: its shape and grading."""
+
+    index: int
+    slab: Slab
+    narrowed: bool
+    graded: bool
+    degeneration: float
+
+    @property
+    def level(self) -> str:
+        """Level name (L5-S1 for the lowest)."""
+        return levels.level_name(self.index)
+
+    @property
+    def label(self) -> int:
+        """SPIDER label value."""
+        return levels.disc_label(self.index)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Anatomy:
+    """Patient-space anatomy of one phantom (independent of the voxel grid)."""
+
+    discs: list[DiscTruth]
+    vertebrae: list[list[Shape]]  # per vertebra above each disc: body + posterior elements
+    sacrum: Slab
+    canal: list[Box]
+    spine_line: np.ndarray  # (n, 3) points along the vertebral body centres, bottom to top
+    back_depth: float
+    front_depth: float
+    fat_back: float
+    fat_front: float
+    age: float
+    base_height: float
+
+
+def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
+    age = float(rng.uniform(22, 82))
+    base_h = float(rng.normal(10.8, 0.9))
+    age_factor = 0.35 + 1.3 * (age - 22) / 60
+    sacral_slope = float(rng.uniform(-42, -28))  # the L5-S1 endplate faces anteriorly
+    scale = float(rng.normal(1.0, 0.06))  # body size
+    frontal = float(rng.normal(0, 1.5))
+    axial = float(rng.normal(0, 1.5))
+
+    point = np.zeros(3)
+    angle = sacral_slope
+    disc_truths: list[DiscTruth] = []
+    vertebrae: list[list[Shape]] = []
+    canal: list[Box] = []
+    line = [point.copy()]
+    sac_basis = frame_basis(angle, frontal, axial)
+    sac_a, sac_b = 20.0 * scale, 24.0 * scale
+    sacrum = Slab(center=point - 20.0 * sac_basis[:, 2], basis=sac_basis, a=sac_a, b=sac_b, p=2.6, h=40.0,
+                  wedge_deg=-12.0)
+    canal_depth = float(rng.uniform(13, 18))
+    canal_half_width = float(rng.uniform(10, 12))
+    prev_ap = sac_a * 2
+    for index in range(n_discs):
+        level_h = _LEVEL_HEIGHT[min(index, len(_LEVEL_HEIGHT) - 1)]
+        p_narrow = min(0.9, _LEVEL_NARROWING[min(index, len(_LEVEL_NARROWING) - 1)] * age_factor)
+        narrowed = bool(rng.random() < p_narrow)
+        height = base_h * level_h * float(rng.normal(1.0, 0.07))
+        degeneration = float(rng.uniform(0.28, 0.55)) if narrowed else float(rng.uniform(0.0, 0.12))
+        height *= 1.0 - degeneration
+        wedge = float(rng.normal(_LEVEL_WEDGE[min(index, len(_LEVEL_WEDGE) - 1)], 2.0)) * (1.0 - 0.6 * degeneration)
+        ap = float(rng.normal(42.0 - 1.2 * index, 2.0)) * scale + (rng.uniform(0.5, 2.5) if narrowed else 0.0)
+        lat = ap * float(rng.normal(1.35, 0.06))
+        dome = float(rng.uniform(0.6, 1.6)) * (1.0 - degeneration)
+        mid = angle + wedge / 2.0
+        basis = frame_basis(mid, frontal, axial)
+        center = point + (height / 2.0) * basis[:, 2]
+        slab = Slab(center=center, basis=basis, a=ap / 2, b=lat / 2, p=float(rng.uniform(2.1, 2.6)), h=height,
+                    wedge_deg=wedge, dome=dome)
+        graded = narrowed if rng.random() >= LABEL_NOISE else not narrowed
+        disc_truths.append(DiscTruth(index=index, slab=slab, narrowed=narrowed, graded=graded,
+                                     degeneration=degeneration))
+        canal.append(Box(center=center, basis=basis, lo=(-prev_ap / 2 - 1 - canal_depth, -canal_half_width,
+                                                         -height / 2 - 1.5),
+                         hi=(-prev_ap / 2 - 1, canal_half_width, height / 2 + 1.5)))
+        # vertebral body above the disc
+        point = center + (height / 2.0) * basis[:, 2]
+        angle = mid + wedge / 2.0
+        v_wedge = float(rng.normal(4.0 if index == 0 else (-1.0 if index < 5 else -3.0), 1.5))
+        v_h = float(rng.normal(27.0, 1.5)) * scale * (0.92 if index >= 5 else 1.0)
+        v_mid = angle + v_wedge / 2.0
+        v_basis = frame_basis(v_mid, frontal, axial)
+        v_center = point + (v_h / 2.0) * v_basis[:, 2]
+        v_ap = ap * float(rng.uniform(0.95, 0.99))
+        v_lat = lat * float(rng.uniform(0.96, 1.0))
+        body = Slab(center=v_center, basis=v_basis, a=v_ap / 2, b=v_lat / 2, p=3.0, h=v_h, wedge_deg=v_wedge)
+        canal_back = -v_ap / 2 - 1 - canal_depth
+        pedicle = Box(center=v_center, basis=v_basis, lo=(canal_back, -canal_half_width - 8, -v_h * 0.3),
+                      hi=(-v_ap / 2 + 2, canal_half_width + 8, v_h * 0.35))
+        lamina = Box(center=v_center, basis=v_basis, lo=(canal_back - 7, -canal_half_width - 8, -v_h * 0.4),
+                     hi=(canal_back, canal_half_width + 8, v_h * 0.35))
+        spinous_len = float(rng.uniform(28, 40))
+        spinous = Box(center=v_center, basis=v_basis, lo=(canal_back - 7 - spinous_len, -4.0, -v_h * 0.45),
+                      hi=(canal_back - 7, 4.0, v_h * 0.2))
+        vertebrae.append([body, pedicle, lamina, spinous])
+        canal.append(Box(center=v_center, basis=v_basis, lo=(canal_back, -canal_half_width, -v_h / 2 - 1.5),
+                         hi=(-v_ap / 2 - 1, canal_half_width, v_h / 2 + 1.5)))
+        line.append(v_center)
+        point = v_center + (v_h / 2.0) * v_basis[:, 2]
+        angle = v_mid + v_wedge / 2.0
+        prev_ap = v_ap
+    return Anatomy(
+        discs=disc_truths, vertebrae=vertebrae, sacrum=sacrum, canal=canal, spine_line=np.array(line),
+        back_depth=float(rng.uniform(100, 135)), front_depth=float(rng.uniform(110, 190)),
+        fat_back=float(rng.uniform(8, 30)), fat_front=float(rng.uniform(10, 35)), age=age, base_height=base_h,
+    )
+
+
+# ------------------------------------------------------------------------------------------- truth
+def disc_truth(slab: Slab, *, grid_mm: float = TRUTH_GRID_MM) -> dict[str, float]:
+    """Exact measurements of a disc slab by numerical integration (see module docstring)."""
+    u = np.arange(-slab.a + grid_mm / 2, slab.a, grid_mm)
+    v = np.arange(-slab.b + grid_mm / 2, slab.b, grid_mm)
+    uu, vv = np.meshgrid(u, v, indexing="ij")
+    thick = slab.thickness(uu, vv)
+    cell = grid_mm * grid_mm
+    inside = thick > 0
+    area = float(np.count_nonzero(inside)) * cell
+    volume = float(thick.sum()) * cell
+    u_c = float((uu * thick).sum() * cell / volume)
+    mid_line = np.linspace(-slab.a, slab.a, 4001)
+    sagittal_profile = slab.thickness(mid_line, np.zeros_like(mid_line))
+    midsagittal_area = float(np.trapezoid(sagittal_profile, mid_line))
+
+    def height_at(u_pos: float) -> float:
+        return float(slab.thickness(np.array(u_pos), np.array(0.0)))
+
+    lateral = 2.0 * slab.b * (1.0 - abs(u_c / slab.a) ** slab.p) ** (1.0 / slab.p)
+    u_axis, v_axis = slab.basis[:, 0], slab.basis[:, 1]  # RAS+: index 0 = R, 1 = A, 2 = S
+    return {
+        "volume_mm3": volume,
+        "mean_height_mm": volume / area,
+        "middle_height_mm": height_at(u_c),
+        "anterior_height_mm": height_at(slab.a - 0.2 * slab.a),
+        "posterior_height_mm": height_at(-slab.a + 0.2 * slab.a),
+        "ap_width_mm": 2.0 * slab.a,
+        "lateral_width_mm": lateral,
+        "midsagittal_area_mm2": midsagittal_area,
+        "height_to_width_ratio": volume / area / (2.0 * slab.a),
+        "wedge_angle_deg": slab.wedge_deg,
+        "sagittal_angle_deg": math.degrees(math.atan2(u_axis[2], u_axis[1])),
+        "axial_angle_deg": math.degrees(math.atan2(u_axis[0], u_axis[1])),
+        "frontal_angle_deg": math.degrees(math.atan2(v_axis[2], v_axis[0])),
+    }
+
+
+# -------------------------------------------------------------------------------------------- grid
+@dataclass(frozen=True, kw_only=True)
+class GridSpec:
+    """Voxel grid of a phantom: spacing (R, A, S order), shape, and optional rotation of the grid."""
+
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    origin: np.ndarray
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def affine(self) -> np.ndarray:
+        """Voxel-to-RAS+ affine; a rotation turns the grid about its centre (anatomy stays put)."""
+        affine = np.eye(4)
+        affine[:3, :3] = np.diag(self.spacing)
+        affine[:3, 3] = self.origin
+        if any(self.rotation_deg):
+            rx, ry, rz = (math.radians(a) for a in self.rotation_deg)
+            rot = _rot_z(rz) @ _rot_y(ry) @ _rot_x(rx)
+            centre = affine[:3, :3] @ ((np.array(self.shape) - 1) / 2.0) + affine[:3, 3]
+            move = np.eye(4)
+            move[:3, :3] = rot
+            move[:3, 3] = centre - rot @ centre
+            affine = move @ affine
+        return affine
+
+
+def _grid_for(anatomy: Anatomy, rng: np.random.Generator, *, spacing: tuple[float, float, float] | None,
+              rotation_deg: tuple[float, float, float]) -> GridSpec:
+    if spacing is None:
+        in_plane = float(rng.uniform(0.5, 1.2))
+        if rng.random() < 0.7:
+            thickness = float(rng.uniform(3.0, 4.5))
+        else:
+            thickness = float(rng.uniform(0.5, 2.0))
+        spacing = (thickness, in_plane, in_plane)
+    lateral_cover = float(rng.uniform(70, 110))
+    n_x = int(np.clip(math.ceil(lateral_cover / spacing[0]), 12, 60))
+    disc_pts = np.array([d.slab.center for d in anatomy.discs])
+    z_lo = float(disc_pts[:, 2].min()) - float(rng.uniform(35, 70))
+    z_hi = float(disc_pts[:, 2].max()) + float(rng.uniform(25, 55))
+    y_mid = float(np.mean(anatomy.spine_line[:, 1]))
+    fov_y = float(rng.uniform(200, 290))
+    y_lo = y_mid - fov_y * float(rng.uniform(0.5, 0.6))
+    pad = 1.0 + (0.25 if any(rotation_deg) else 0.0)
+    n_y = math.ceil(fov_y * pad / spacing[1])
+    n_z = math.ceil((z_hi - z_lo) * pad / spacing[2])
+    centre = np.array([float(rng.normal(0, 2)), y_lo + fov_y / 2, (z_lo + z_hi) / 2])
+    shape = (n_x, n_y, n_z)
+    origin = centre - np.array(spacing) * (np.array(shape) - 1) / 2.0
+    return GridSpec(spacing=spacing, shape=shape, origin=origin, rotation_deg=rotation_deg)
+
+
+# ------------------------------------------------------------------------------------- rasterise
+def _footprint(shape: Shape, affine: np.ndarray, grid_shape: tuple[int, int, int]
+               ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """Voxel-centre membership of ``shape`` within its bounding box on the grid (None if off-grid)."""
+    inv = np.linalg.inv(affine)
+    centre_vox = inv[:3, :3] @ shape.center + inv[:3, 3]
+    reach = shape.radius / np.linalg.norm(affine[:3, :3], axis=0)
+    lo = np.maximum(np.floor(centre_vox - reach).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_vox + reach).astype(int) + 1, grid_shape)
+    if np.any(hi <= lo):
+        return None
+    idx = np.stack(np.meshgrid(*(np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)),
+                               indexing="ij"), axis=-1)
+    # voxel index -> local frame in one affine step
+    to_local = (shape.basis.T @ affine[:3, :3]).astype(np.float32)
+    offset = (shape.basis.T @ (affine[:3, 3] - shape.center)).astype(np.float32)
+    local = idx @ to_local.T + offset
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    return box, shape.inside(local)
+
+
+def _paint(shape: Shape, affine: np.ndarray, *targets: tuple[np.ndarray, int]) -> None:
+    """Set each ``(array, value)`` target to its value at the voxel centres inside ``shape``."""
+    found = _footprint(shape, affine, targets[0][0].shape)
+    if found is None:
+        return
+    box, mask = found
+    for array, value in targets:
+        array[box][mask] = value
+
+
+def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (SPIDER convention) and tissue-class map on the grid."""
+    affine = grid.affine()
+    shape = grid.shape
+    labels = np.zeros(shape, dtype=np.uint8)
+    tissue = np.full(shape, _TISSUE_INDEX["air"], dtype=np.uint8)
+    T = _TISSUE_INDEX
+
+    # Body outline, fat and muscle: functions of the distance in front of / behind the spine line.
+    idx = np.indices(shape, dtype=np.float32).reshape(3, -1).T
+    world = idx @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)
+    line = anatomy.spine_line
+    order = np.argsort(line[:, 2])
+    spine_y = np.interp(world[:, 2], line[order, 2], line[order, 1]).astype(np.float32)
+    dy = world[:, 1] - spine_y
+    dx = world[:, 0] - float(line[:, 0].mean())
+    body = (dy > -anatomy.back_depth) & (dy < anatomy.front_depth) & (np.abs(dx) < 170)
+    cls = np.full(world.shape[0], T["air"], dtype=np.uint8)
+    cls[body] = T["muscle"]
+    cls[body & (dy > 25)] = T["abdomen"]
+    cls[body & ((dy < -anatomy.back_depth + anatomy.fat_back) | (dy > anatomy.front_depth - anatomy.fat_front))] = (
+        T["fat"]
+    )
+    vessel = ((dx + 12) ** 2 + (dy - 38) ** 2) < 10.0**2
+    cls[body & vessel] = T["vessel"]
+    tissue[...] = cls.reshape(shape)
+    del idx, world, spine_y, dy, dx, body, cls
+
+    _paint(anatomy.sacrum, affine, (tissue, T["marrow"]))
+    for n, shapes in enumerate(anatomy.vertebrae):
+        for part in shapes:
+            _paint(part, affine, (labels, levels.vertebra_label(n)), (tissue, T["marrow"]))
+    for box in anatomy.canal:
+        _paint(box, affine, (labels, levels.CANAL_LABEL), (tissue, T["canal"]))
+    for disc in anatomy.discs:
+        _paint(disc.slab, affine, (labels, disc.label), (tissue, T["annulus"]))
+        s = disc.slab
+        nucleus = Slab(center=s.center, basis=s.basis, a=s.a * 0.7, b=s.b * 0.7, p=2.0, h=s.h * 0.65,
+                       wedge_deg=s.wedge_deg, dome=s.dome * 0.6)
+        _paint(nucleus, affine, (tissue, T["nucleus_degenerated" if disc.narrowed else "nucleus"]))
+
+    # Vertebrae cut by the field of view get the "partly visible" label (SPIDER 101-125).
+    for n, shapes in enumerate(anatomy.vertebrae):
+        body = shapes[0]
+        inv = np.linalg.inv(affine)
+        corners = [body.center + body.basis @ np.array([0.0, 0.0, sgn * body.h / 2]) for sgn in (-1, 1)]
+        vox = np.array([inv[:3, :3] @ c + inv[:3, 3] for c in corners])
+        if np.any(vox < -0.5) or np.any(vox > np.array(shape) - 0.5):
+            labels[labels == levels.vertebra_label(n)] = levels.vertebra_label(n, partial=True)
+    return labels, tissue
+
+
+def _render(tissue: np.ndarray, spacing: tuple[float, float, float], contrast: Contrast,
+            rng: np.random.Generator) -> np.ndarray:
+    column = 0 if contrast == "t1" else 1
+    lut = np.array([values[column] for values in _TISSUES.values()], dtype=np.float32)
+    lut *= rng.normal(1.0, 0.06, size=lut.shape).astype(np.float32)
+    image = lut[tissue]
+
+    def smooth_field(cells: int, amplitude: float) -> np.ndarray:
+        coarse = rng.normal(0, 1, size=(max(2, tissue.shape[0] // 8), cells, cells)).astype(np.float32)
+        zoom = [n / c for n, c in zip(tissue.shape, coarse.shape, strict=True)]
+        return 1.0 + amplitude * ndimage.zoom(coarse, zoom, order=1)[: tissue.shape[0], : tissue.shape[1],
+                                                                   : tissue.shape[2]]
+
+    image *= np.clip(smooth_field(24, 0.08), 0.6, 1.4)  # tissue texture
+    sigma = [max(0.35, 0.6 / s) if i else 0.35 for i, s in enumerate(spacing)]
+    image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
+    bias = np.clip(smooth_field(3, 0.15), 0.6, 1.4)
+    image *= bias
+    noise = float(rng.uniform(0.015, 0.04))
+    image = np.sqrt((image + rng.normal(0, noise, image.shape).astype(np.float32)) ** 2
+                    + rng.normal(0, noise, image.shape).astype(np.float32) ** 2)
+    scale = float(rng.uniform(1800, 3000))
+    return np.clip(np.rint(image * scale), 0, 4095).astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------- case
+@dataclass(frozen=True)
+class PhantomCase:
+    """A generated case: image, labels (same grid) and the truth dictionary."""
+
+    image: Volume
+    labels: Volume
+    truth: dict[str, Any] = field(repr=False)
+
+
+def make_case(
+    seed: int,
+    case: int = 0,
+    *,
+    contrast: Literal["t1", "t2", "mixed"] = "mixed",
+    spacing: tuple[float, float, float] | None = None,
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    n_discs: int | None = None,
+) -> PhantomCase:
+    """Generate one phantom deterministically from ``(seed, case)``.
+
+    Parameters
+    ----------
+    seed, case
+        Cohort seed and case index; anatomy depends on nothing else.
+    contrast
+        ``t1``, ``t2`` or ``mixed`` (drawn per case).
+    spacing
+        Voxel size (R, A, S) in mm; drawn when None. Changing it does not change the anatomy.
+    rotation_deg
+        Rotation of the voxel grid about R, A, S (oblique acquisition); the anatomy stays put.
+    n_discs
+        Discs in view (5-7 drawn when None).
+    """
+    anatomy_rng = np.random.default_rng([seed, case, 1])
+    grid_rng = np.random.default_rng([seed, case, 2])
+    render_rng = np.random.default_rng([seed, case, 3])
+    count = n_discs if n_discs is not None else int(anatomy_rng.integers(5, 8))
+    anatomy = _make_anatomy(anatomy_rng, count)
+    coin = render_rng.random()  # drawn always, so that fixing the contrast leaves the rest unchanged
+    chosen: Contrast = ("t1" if coin < 0.5 else "t2") if contrast == "mixed" else contrast
+    grid = _grid_for(anatomy, grid_rng, spacing=spacing, rotation_deg=rotation_deg)
+    labels, tissue = _rasterise(anatomy, grid)
+    image = _render(tissue, grid.spacing, chosen, render_rng)
+    affine = grid.affine()
+    patient_id = f"DG-PHANTOM-{seed}-{case:04d}"
+    truth = {
+        "patient_id": patient_id,
+        "seed": seed,
+        "case": case,
+        "contrast": chosen,
+        "spacing_mm": list(grid.spacing),
+        "shape": list(grid.shape),
+        "affine": affine.tolist(),
+        "age": round(anatomy.age, 1),
+        "discs": [
+            {
+                "level": d.level,
+                "label": d.label,
+                **{k: round(v, 5) for k, v in disc_truth(d.slab).items()},
+                "narrowing": int(d.graded),
+                "narrowing_generator": int(d.narrowed),
+                "degeneration": round(d.degeneration, 4),
+                "voxels": int(np.count_nonzero(labels == d.label)),
+            }
+            for d in anatomy.discs
+        ],
+    }
+    meta = {"contrast": chosen, "phantom": patient_id}
+    image_vol = Volume(image, affine, meta=meta)
+    label_vol = Volume(labels, affine, meta={"phantom": patient_id})
+    return PhantomCase(image=image_vol, labels=label_vol, truth=truth)
+
+
+def write_case(case: PhantomCase, out_dir: str | Path, *, fmt: Literal["dicom", "nifti"] = "dicom") -> Path:
+    """Write a case folder: ``dicom/`` or ``image.nii.gz``, ``labels.nii.gz`` and ``truth.json``."""
+    from discgeo.io.dicom import SeriesTags, write_dicom_series
+    from discgeo.io.nifti import write_nifti
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    truth = case.truth
+    if fmt == "dicom":
+        contrast = truth["contrast"]
+        tags = SeriesTags(
+            patient_id=truth["patient_id"],
+            patient_name=f"Phantom^{truth['seed']}-{truth['case']:04d}",
+            series_description=f"SAG {contrast.upper()} TSE",
+            contrast=contrast,
+            series_number=2 if contrast == "t1" else 3,
+            uid_seed=truth["patient_id"],
+        )
+        write_dicom_series(case.image, out / "dicom", tags=tags)
+    elif fmt == "nifti":
+        write_nifti(case.image, out / "image.nii.gz")
+    else:
+        raise ValueError(f"unknown format {fmt!r}; use dicom or nifti")
+    write_nifti(case.labels, out / "labels.nii.gz")
+    (out / "truth.json").write_text(json.dumps(truth, indent=1))
+    return out
+
+
+def generate_cohort(
+    out_dir: str | Path,
+    *,
+    cases: int,
+    seed: int,
+    fmt: Literal["dicom", "nifti"] = "dicom",
+    contrast: Literal["t1", "t2", "mixed"] = "mixed",
+    progress: bool = False,
+) -> list[Path]:
+    """Write ``cases`` phantom cases to ``out_dir/case-NNNN`` plus ``cohort.json`` (a summary)."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = []
+    summary = []
+    for index in tqdm(range(cases), desc="phantoms", unit="case", disable=not progress):
+        case = make_case(seed, index, contrast=contrast)
+        folder = write_case(case, out / f"case-{index:04d}", fmt=fmt)
+        folders.append(folder)
+        discs = case.truth["discs"]
+        summary.append({"case": folder.name, "patient_id": case.truth["patient_id"], "contrast": case.truth["contrast"],
+                        "discs": len(discs), "narrowed": sum(d["narrowing"] for d in discs)})
+    n_discs = sum(s["discs"] for s in summary)
+    n_narrow = sum(s["narrowed"] for s in summary)
+    (out / "cohort.json").write_text(json.dumps({
+        "seed": seed, "format": fmt, "contrast": contrast, "cases": summary, "discs": n_discs,
+        "narrowing_prevalence": round(n_narrow / max(n_discs, 1), 4), "label_noise": LABEL_NOISE,
+    }, indent=1))
+    return folders
