@@ -48,28 +48,41 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for s in report.get("series", []):
         extra = f"  PROBLEM: {s['problem']}" if "problem" in s else ""
         spacing = "x".join(f"{v:g}" for v in s.get("pixel_spacing_mm", []))
-        print(f"  series {s['series']}: {s['modality']} {s['plane']} {s['contrast'].upper()} "
-              f"({s['contrast_reason']}), {s['slices']} slices of {s['matrix'][1]}x{s['matrix'][0]}"
-              f" @ {spacing} mm{' multi-frame' if s['multiframe'] else ''}{extra}")
+        print(
+            f"  series {s['series']}: {s['modality']} {s['plane']} {s['contrast'].upper()} "
+            f"({s['contrast_reason']}), {s['slices']} slices of {s['matrix'][1]}x{s['matrix'][0]}"
+            f" @ {spacing} mm{' multi-frame' if s['multiframe'] else ''}{extra}"
+        )
     if "skipped_files" in report:
         print("  skipped: " + ", ".join(f"{n} {k}" for k, n in report["skipped_files"].items()))
     if "chosen" in report:
         print(f"chosen: {report['chosen']}\n  why: {report['reason']}")
     vol = report["volume"]
-    print(f"volume: shape {tuple(vol['shape'])} ({vol['orientation']}), spacing "
-          f"{' x '.join(f'{s:g}' for s in vol['spacing_mm'])} mm; stored as {tuple(vol['source_shape'])} "
-          f"({vol['source_orientation']}); intensities {vol['intensity_range'][0]:g}..{vol['intensity_range'][1]:g}")
+    print(
+        f"volume: shape {tuple(vol['shape'])} ({vol['orientation']}), spacing "
+        f"{' x '.join(f'{s:g}' for s in vol['spacing_mm'])} mm; stored as {tuple(vol['source_shape'])} "
+        f"({vol['source_orientation']}); intensities "
+        f"{vol['intensity_range'][0]:g}..{vol['intensity_range'][1]:g}"
+    )
     return 0
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from discgeo.phantom import generate_cohort
 
-    folders = generate_cohort(args.out, cases=args.cases, seed=args.seed, fmt=args.format,
-                              contrast=args.contrast, progress=not args.quiet)
+    folders = generate_cohort(
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        fmt=args.format,
+        contrast=args.contrast,
+        progress=not args.quiet,
+    )
     summary = json.loads((Path(args.out) / "cohort.json").read_text())
-    print(f"wrote {len(folders)} case(s) to {args.out}: {summary['discs']} discs, narrowing prevalence "
-          f"{summary['narrowing_prevalence']:.1%}")
+    print(
+        f"wrote {len(folders)} case(s) to {args.out}: {summary['discs']} discs, narrowing prevalence "
+        f"{summary['narrowing_prevalence']:.1%}"
+    )
     return 0
 
 

@@ -20,8 +20,16 @@ CANAL_LABEL = 100
 PARTIAL_VERTEBRA_OFFSET = 100
 MAX_VERTEBRAE = 25
 
-_VERTEBRAE_FROM_BOTTOM = ("S1", "L5", "L4", "L3", "L2", "L1", *(f"T{n}" for n in range(12, 0, -1)),
-                          *(f"C{n}" for n in range(7, 0, -1)))
+_VERTEBRAE_FROM_BOTTOM = (
+    "S1",
+    "L5",
+    "L4",
+    "L3",
+    "L2",
+    "L1",
+    *(f"T{n}" for n in range(12, 0, -1)),
+    *(f"C{n}" for n in range(7, 0, -1)),
+)
 
 
 def level_name(index_from_bottom: int) -> str:

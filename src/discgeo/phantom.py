@@ -86,7 +86,11 @@ def frame_basis(sagittal_deg: float, frontal_deg: float = 0.0, axial_deg: float 
     towards superior, ``axial_deg`` turns u towards the patient's right.
     """
     base = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).T  # u=A, v=R, w=S
-    rot = _rot_z(-math.radians(axial_deg)) @ _rot_y(-math.radians(frontal_deg)) @ _rot_x(math.radians(sagittal_deg))
+    rot = (
+        _rot_z(-math.radians(axial_deg))
+        @ _rot_y(-math.radians(frontal_deg))
+        @ _rot_x(math.radians(sagittal_deg))
+    )
     return rot @ base
 
 
@@ -141,8 +145,14 @@ class Box:
     @property
     def radius(self) -> float:
         """Bounding radius in mm."""
-        corners = np.array([[x, y, z] for x in (self.lo[0], self.hi[0]) for y in (self.lo[1], self.hi[1])
-                            for z in (self.lo[2], self.hi[2])])
+        corners = np.array(
+            [
+                [x, y, z]
+                for x in (self.lo[0], self.hi[0])
+                for y in (self.lo[1], self.hi[1])
+                for z in (self.lo[2], self.hi[2])
+            ]
+        )
         return float(np.max(np.linalg.norm(corners, axis=1)))
 
     def inside(self, local: np.ndarray) -> np.ndarray:
@@ -211,8 +221,15 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
     line = [point.copy()]
     sac_basis = frame_basis(angle, frontal, axial)
     sac_a, sac_b = 20.0 * scale, 24.0 * scale
-    sacrum = Slab(center=point - 20.0 * sac_basis[:, 2], basis=sac_basis, a=sac_a, b=sac_b, p=2.6, h=40.0,
-                  wedge_deg=-12.0)
+    sacrum = Slab(
+        center=point - 20.0 * sac_basis[:, 2],
+        basis=sac_basis,
+        a=sac_a,
+        b=sac_b,
+        p=2.6,
+        h=40.0,
+        wedge_deg=-12.0,
+    )
     canal_depth = float(rng.uniform(13, 18))
     canal_half_width = float(rng.uniform(10, 12))
     prev_ap = sac_a * 2
@@ -223,21 +240,37 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         height = base_h * level_h * float(rng.normal(1.0, 0.07))
         degeneration = float(rng.uniform(0.28, 0.55)) if narrowed else float(rng.uniform(0.0, 0.12))
         height *= 1.0 - degeneration
-        wedge = float(rng.normal(_LEVEL_WEDGE[min(index, len(_LEVEL_WEDGE) - 1)], 2.0)) * (1.0 - 0.6 * degeneration)
+        wedge = float(rng.normal(_LEVEL_WEDGE[min(index, len(_LEVEL_WEDGE) - 1)], 2.0)) * (
+            1.0 - 0.6 * degeneration
+        )
         ap = float(rng.normal(42.0 - 1.2 * index, 2.0)) * scale + (rng.uniform(0.5, 2.5) if narrowed else 0.0)
         lat = ap * float(rng.normal(1.35, 0.06))
         dome = float(rng.uniform(0.6, 1.6)) * (1.0 - degeneration)
         mid = angle + wedge / 2.0
         basis = frame_basis(mid, frontal, axial)
         center = point + (height / 2.0) * basis[:, 2]
-        slab = Slab(center=center, basis=basis, a=ap / 2, b=lat / 2, p=float(rng.uniform(2.1, 2.6)), h=height,
-                    wedge_deg=wedge, dome=dome)
+        slab = Slab(
+            center=center,
+            basis=basis,
+            a=ap / 2,
+            b=lat / 2,
+            p=float(rng.uniform(2.1, 2.6)),
+            h=height,
+            wedge_deg=wedge,
+            dome=dome,
+        )
         graded = narrowed if rng.random() >= LABEL_NOISE else not narrowed
-        disc_truths.append(DiscTruth(index=index, slab=slab, narrowed=narrowed, graded=graded,
-                                     degeneration=degeneration))
-        canal.append(Box(center=center, basis=basis, lo=(-prev_ap / 2 - 1 - canal_depth, -canal_half_width,
-                                                         -height / 2 - 1.5),
-                         hi=(-prev_ap / 2 - 1, canal_half_width, height / 2 + 1.5)))
+        disc_truths.append(
+            DiscTruth(index=index, slab=slab, narrowed=narrowed, graded=graded, degeneration=degeneration)
+        )
+        canal.append(
+            Box(
+                center=center,
+                basis=basis,
+                lo=(-prev_ap / 2 - 1 - canal_depth, -canal_half_width, -height / 2 - 1.5),
+                hi=(-prev_ap / 2 - 1, canal_half_width, height / 2 + 1.5),
+            )
+        )
         # vertebral body above the disc
         point = center + (height / 2.0) * basis[:, 2]
         angle = mid + wedge / 2.0
@@ -250,24 +283,50 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         v_lat = lat * float(rng.uniform(0.96, 1.0))
         body = Slab(center=v_center, basis=v_basis, a=v_ap / 2, b=v_lat / 2, p=3.0, h=v_h, wedge_deg=v_wedge)
         canal_back = -v_ap / 2 - 1 - canal_depth
-        pedicle = Box(center=v_center, basis=v_basis, lo=(canal_back, -canal_half_width - 8, -v_h * 0.3),
-                      hi=(-v_ap / 2 + 2, canal_half_width + 8, v_h * 0.35))
-        lamina = Box(center=v_center, basis=v_basis, lo=(canal_back - 7, -canal_half_width - 8, -v_h * 0.4),
-                     hi=(canal_back, canal_half_width + 8, v_h * 0.35))
+        pedicle = Box(
+            center=v_center,
+            basis=v_basis,
+            lo=(canal_back, -canal_half_width - 8, -v_h * 0.3),
+            hi=(-v_ap / 2 + 2, canal_half_width + 8, v_h * 0.35),
+        )
+        lamina = Box(
+            center=v_center,
+            basis=v_basis,
+            lo=(canal_back - 7, -canal_half_width - 8, -v_h * 0.4),
+            hi=(canal_back, canal_half_width + 8, v_h * 0.35),
+        )
         spinous_len = float(rng.uniform(28, 40))
-        spinous = Box(center=v_center, basis=v_basis, lo=(canal_back - 7 - spinous_len, -4.0, -v_h * 0.45),
-                      hi=(canal_back - 7, 4.0, v_h * 0.2))
+        spinous = Box(
+            center=v_center,
+            basis=v_basis,
+            lo=(canal_back - 7 - spinous_len, -4.0, -v_h * 0.45),
+            hi=(canal_back - 7, 4.0, v_h * 0.2),
+        )
         vertebrae.append([body, pedicle, lamina, spinous])
-        canal.append(Box(center=v_center, basis=v_basis, lo=(canal_back, -canal_half_width, -v_h / 2 - 1.5),
-                         hi=(-v_ap / 2 - 1, canal_half_width, v_h / 2 + 1.5)))
+        canal.append(
+            Box(
+                center=v_center,
+                basis=v_basis,
+                lo=(canal_back, -canal_half_width, -v_h / 2 - 1.5),
+                hi=(-v_ap / 2 - 1, canal_half_width, v_h / 2 + 1.5),
+            )
+        )
         line.append(v_center)
         point = v_center + (v_h / 2.0) * v_basis[:, 2]
         angle = v_mid + v_wedge / 2.0
         prev_ap = v_ap
     return Anatomy(
-        discs=disc_truths, vertebrae=vertebrae, sacrum=sacrum, canal=canal, spine_line=np.array(line),
-        back_depth=float(rng.uniform(100, 135)), front_depth=float(rng.uniform(110, 190)),
-        fat_back=float(rng.uniform(8, 30)), fat_front=float(rng.uniform(10, 35)), age=age, base_height=base_h,
+        discs=disc_truths,
+        vertebrae=vertebrae,
+        sacrum=sacrum,
+        canal=canal,
+        spine_line=np.array(line),
+        back_depth=float(rng.uniform(100, 135)),
+        front_depth=float(rng.uniform(110, 190)),
+        fat_back=float(rng.uniform(8, 30)),
+        fat_front=float(rng.uniform(10, 35)),
+        age=age,
+        base_height=base_h,
     )
 
 
@@ -335,17 +394,26 @@ class GridSpec:
         return affine
 
 
-def _grid_for(anatomy: Anatomy, rng: np.random.Generator, *, spacing: tuple[float, float, float] | None,
-              rotation_deg: tuple[float, float, float]) -> GridSpec:
+def _grid_for(
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    *,
+    spacing: tuple[float, float, float] | None,
+    rotation_deg: tuple[float, float, float],
+    full_coverage: bool,
+) -> GridSpec:
+    lateral_cover = float(rng.uniform(50, 110))  # real protocols do not always cover the whole disc width
     if spacing is None:
         in_plane = float(rng.uniform(0.5, 1.2))
         if rng.random() < 0.7:
             thickness = float(rng.uniform(3.0, 4.5))
         else:
-            thickness = float(rng.uniform(0.5, 2.0))
+            thickness = float(rng.uniform(max(0.5, lateral_cover / 60), 2.0))
         spacing = (thickness, in_plane, in_plane)
-    lateral_cover = float(rng.uniform(70, 110))
     n_x = int(np.clip(math.ceil(lateral_cover / spacing[0]), 12, 60))
+    if full_coverage:
+        widest = max(2 * d.slab.b for d in anatomy.discs)
+        n_x = max(n_x, math.ceil((widest + 24.0) / spacing[0]))
     disc_pts = np.array([d.slab.center for d in anatomy.discs])
     z_lo = float(disc_pts[:, 2].min()) - float(rng.uniform(35, 70))
     z_hi = float(disc_pts[:, 2].max()) + float(rng.uniform(25, 55))
@@ -362,8 +430,9 @@ def _grid_for(anatomy: Anatomy, rng: np.random.Generator, *, spacing: tuple[floa
 
 
 # ------------------------------------------------------------------------------------- rasterise
-def _footprint(shape: Shape, affine: np.ndarray, grid_shape: tuple[int, int, int]
-               ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+def _footprint(
+    shape: Shape, affine: np.ndarray, grid_shape: tuple[int, int, int]
+) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
     """Voxel-centre membership of ``shape`` within its bounding box on the grid (None if off-grid)."""
     inv = np.linalg.inv(affine)
     centre_vox = inv[:3, :3] @ shape.center + inv[:3, 3]
@@ -372,8 +441,10 @@ def _footprint(shape: Shape, affine: np.ndarray, grid_shape: tuple[int, int, int
     hi = np.minimum(np.ceil(centre_vox + reach).astype(int) + 1, grid_shape)
     if np.any(hi <= lo):
         return None
-    idx = np.stack(np.meshgrid(*(np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)),
-                               indexing="ij"), axis=-1)
+    idx = np.stack(
+        np.meshgrid(*(np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True)), indexing="ij"),
+        axis=-1,
+    )
     # voxel index -> local frame in one affine step
     to_local = (shape.basis.T @ affine[:3, :3]).astype(np.float32)
     offset = (shape.basis.T @ (affine[:3, 3] - shape.center)).astype(np.float32)
@@ -412,9 +483,10 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
     cls = np.full(world.shape[0], T["air"], dtype=np.uint8)
     cls[body] = T["muscle"]
     cls[body & (dy > 25)] = T["abdomen"]
-    cls[body & ((dy < -anatomy.back_depth + anatomy.fat_back) | (dy > anatomy.front_depth - anatomy.fat_front))] = (
-        T["fat"]
-    )
+    cls[
+        body
+        & ((dy < -anatomy.back_depth + anatomy.fat_back) | (dy > anatomy.front_depth - anatomy.fat_front))
+    ] = T["fat"]
     vessel = ((dx + 12) ** 2 + (dy - 38) ** 2) < 10.0**2
     cls[body & vessel] = T["vessel"]
     tissue[...] = cls.reshape(shape)
@@ -429,13 +501,22 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
     for disc in anatomy.discs:
         _paint(disc.slab, affine, (labels, disc.label), (tissue, T["annulus"]))
         s = disc.slab
-        nucleus = Slab(center=s.center, basis=s.basis, a=s.a * 0.7, b=s.b * 0.7, p=2.0, h=s.h * 0.65,
-                       wedge_deg=s.wedge_deg, dome=s.dome * 0.6)
+        nucleus = Slab(
+            center=s.center,
+            basis=s.basis,
+            a=s.a * 0.7,
+            b=s.b * 0.7,
+            p=2.0,
+            h=s.h * 0.65,
+            wedge_deg=s.wedge_deg,
+            dome=s.dome * 0.6,
+        )
         _paint(nucleus, affine, (tissue, T["nucleus_degenerated" if disc.narrowed else "nucleus"]))
 
     # Vertebrae cut by the field of view get the "partly visible" label (SPIDER 101-125).
     for n, shapes in enumerate(anatomy.vertebrae):
         body = shapes[0]
+        assert isinstance(body, Slab)
         inv = np.linalg.inv(affine)
         corners = [body.center + body.basis @ np.array([0.0, 0.0, sgn * body.h / 2]) for sgn in (-1, 1)]
         vox = np.array([inv[:3, :3] @ c + inv[:3, 3] for c in corners])
@@ -444,8 +525,9 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
     return labels, tissue
 
 
-def _render(tissue: np.ndarray, spacing: tuple[float, float, float], contrast: Contrast,
-            rng: np.random.Generator) -> np.ndarray:
+def _render(
+    tissue: np.ndarray, spacing: tuple[float, float, float], contrast: Contrast, rng: np.random.Generator
+) -> np.ndarray:
     column = 0 if contrast == "t1" else 1
     lut = np.array([values[column] for values in _TISSUES.values()], dtype=np.float32)
     lut *= rng.normal(1.0, 0.06, size=lut.shape).astype(np.float32)
@@ -454,8 +536,11 @@ def _render(tissue: np.ndarray, spacing: tuple[float, float, float], contrast: C
     def smooth_field(cells: int, amplitude: float) -> np.ndarray:
         coarse = rng.normal(0, 1, size=(max(2, tissue.shape[0] // 8), cells, cells)).astype(np.float32)
         zoom = [n / c for n, c in zip(tissue.shape, coarse.shape, strict=True)]
-        return 1.0 + amplitude * ndimage.zoom(coarse, zoom, order=1)[: tissue.shape[0], : tissue.shape[1],
-                                                                   : tissue.shape[2]]
+        return (
+            1.0
+            + amplitude
+            * ndimage.zoom(coarse, zoom, order=1)[: tissue.shape[0], : tissue.shape[1], : tissue.shape[2]]
+        )
 
     image *= np.clip(smooth_field(24, 0.08), 0.6, 1.4)  # tissue texture
     sigma = [max(0.35, 0.6 / s) if i else 0.35 for i, s in enumerate(spacing)]
@@ -463,8 +548,10 @@ def _render(tissue: np.ndarray, spacing: tuple[float, float, float], contrast: C
     bias = np.clip(smooth_field(3, 0.15), 0.6, 1.4)
     image *= bias
     noise = float(rng.uniform(0.015, 0.04))
-    image = np.sqrt((image + rng.normal(0, noise, image.shape).astype(np.float32)) ** 2
-                    + rng.normal(0, noise, image.shape).astype(np.float32) ** 2)
+    image = np.sqrt(
+        (image + rng.normal(0, noise, image.shape).astype(np.float32)) ** 2
+        + rng.normal(0, noise, image.shape).astype(np.float32) ** 2
+    )
     scale = float(rng.uniform(1800, 3000))
     return np.clip(np.rint(image * scale), 0, 4095).astype(np.float32)
 
@@ -487,6 +574,7 @@ def make_case(
     spacing: tuple[float, float, float] | None = None,
     rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0),
     n_discs: int | None = None,
+    full_coverage: bool = False,
 ) -> PhantomCase:
     """Generate one phantom deterministically from ``(seed, case)``.
 
@@ -502,6 +590,9 @@ def make_case(
         Rotation of the voxel grid about R, A, S (oblique acquisition); the anatomy stays put.
     n_discs
         Discs in view (5-7 drawn when None).
+    full_coverage
+        Widen the sagittal coverage (beyond the usual 60-slice limit if needed) so that every disc
+        is entirely in view, as measurement tests need.
     """
     anatomy_rng = np.random.default_rng([seed, case, 1])
     grid_rng = np.random.default_rng([seed, case, 2])
@@ -510,7 +601,9 @@ def make_case(
     anatomy = _make_anatomy(anatomy_rng, count)
     coin = render_rng.random()  # drawn always, so that fixing the contrast leaves the rest unchanged
     chosen: Contrast = ("t1" if coin < 0.5 else "t2") if contrast == "mixed" else contrast
-    grid = _grid_for(anatomy, grid_rng, spacing=spacing, rotation_deg=rotation_deg)
+    grid = _grid_for(
+        anatomy, grid_rng, spacing=spacing, rotation_deg=rotation_deg, full_coverage=full_coverage
+    )
     labels, tissue = _rasterise(anatomy, grid)
     image = _render(tissue, grid.spacing, chosen, render_rng)
     affine = grid.affine()
@@ -526,13 +619,9 @@ def make_case(
         "age": round(anatomy.age, 1),
         "discs": [
             {
-                "level": d.level,
-                "label": d.label,
-                **{k: round(v, 5) for k, v in disc_truth(d.slab).items()},
-                "narrowing": int(d.graded),
-                "narrowing_generator": int(d.narrowed),
-                "degeneration": round(d.degeneration, 4),
+                **_disc_record(d),
                 "voxels": int(np.count_nonzero(labels == d.label)),
+                "fully_in_view": _fully_in_view(labels, d.label),
             }
             for d in anatomy.discs
         ],
@@ -541,6 +630,31 @@ def make_case(
     image_vol = Volume(image, affine, meta=meta)
     label_vol = Volume(labels, affine, meta={"phantom": patient_id})
     return PhantomCase(image=image_vol, labels=label_vol, truth=truth)
+
+
+def _fully_in_view(labels: np.ndarray, label: int) -> bool:
+    """False when the structure touches a face of the grid (cut by the field of view)."""
+    faces = (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1])
+    return not any(bool(np.any(face == label)) for face in faces)
+
+
+def make_truth(seed: int, case: int = 0, *, n_discs: int | None = None) -> list[dict[str, Any]]:
+    """Per-disc truth of ``make_case(seed, case)`` without rasterising (fast, for cohort statistics)."""
+    rng = np.random.default_rng([seed, case, 1])
+    count = n_discs if n_discs is not None else int(rng.integers(5, 8))
+    anatomy = _make_anatomy(rng, count)
+    return [_disc_record(d) for d in anatomy.discs]
+
+
+def _disc_record(d: DiscTruth) -> dict[str, Any]:
+    return {
+        "level": d.level,
+        "label": d.label,
+        **{k: round(v, 5) for k, v in disc_truth(d.slab).items()},
+        "narrowing": int(d.graded),
+        "narrowing_generator": int(d.narrowed),
+        "degeneration": round(d.degeneration, 4),
+    }
 
 
 def write_case(case: PhantomCase, out_dir: str | Path, *, fmt: Literal["dicom", "nifti"] = "dicom") -> Path:
@@ -592,12 +706,29 @@ def generate_cohort(
         folder = write_case(case, out / f"case-{index:04d}", fmt=fmt)
         folders.append(folder)
         discs = case.truth["discs"]
-        summary.append({"case": folder.name, "patient_id": case.truth["patient_id"], "contrast": case.truth["contrast"],
-                        "discs": len(discs), "narrowed": sum(d["narrowing"] for d in discs)})
+        summary.append(
+            {
+                "case": folder.name,
+                "patient_id": case.truth["patient_id"],
+                "contrast": case.truth["contrast"],
+                "discs": len(discs),
+                "narrowed": sum(d["narrowing"] for d in discs),
+            }
+        )
     n_discs = sum(s["discs"] for s in summary)
     n_narrow = sum(s["narrowed"] for s in summary)
-    (out / "cohort.json").write_text(json.dumps({
-        "seed": seed, "format": fmt, "contrast": contrast, "cases": summary, "discs": n_discs,
-        "narrowing_prevalence": round(n_narrow / max(n_discs, 1), 4), "label_noise": LABEL_NOISE,
-    }, indent=1))
+    (out / "cohort.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "format": fmt,
+                "contrast": contrast,
+                "cases": summary,
+                "discs": n_discs,
+                "narrowing_prevalence": round(n_narrow / max(n_discs, 1), 4),
+                "label_noise": LABEL_NOISE,
+            },
+            indent=1,
+        )
+    )
     return folders

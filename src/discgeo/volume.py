@@ -51,12 +51,16 @@ class Volume:
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
-            raise InvalidDataError(f"expected a 3D volume, got {self.array.ndim} dimensions {self.array.shape}")
+            raise InvalidDataError(
+                f"expected a 3D volume, got {self.array.ndim} dimensions {self.array.shape}"
+            )
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise InvalidDataError("the voxel-to-world affine must be a finite 4x4 matrix")
         if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-            raise InvalidDataError("the voxel-to-world affine is singular (zero voxel size or collinear axes)")
+            raise InvalidDataError(
+                "the voxel-to-world affine is singular (zero voxel size or collinear axes)"
+            )
         object.__setattr__(self, "affine", affine)
         if not self.source_shape:
             object.__setattr__(self, "source_shape", tuple(self.array.shape))
@@ -66,7 +70,7 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape (canonical order)."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -94,7 +98,9 @@ class Volume:
     def with_array(self, array: np.ndarray, **meta: Any) -> Volume:
         """Same geometry, other voxels (e.g. a label map on this image's grid)."""
         if array.shape != self.array.shape:
-            raise InvalidDataError(f"array shape {array.shape} differs from the volume grid {self.array.shape}")
+            raise InvalidDataError(
+                f"array shape {array.shape} differs from the volume grid {self.array.shape}"
+            )
         return Volume(array, self.affine, self.source_shape, self.source_axcodes, {**self.meta, **meta})
 
     def world_coordinates(self, ijk: np.ndarray) -> np.ndarray:
@@ -111,14 +117,17 @@ def _reorient(volume: Volume, axcodes: tuple[str, str, str]) -> Volume:
         return volume
     array = nio.apply_orientation(volume.array, transform)
     affine = volume.affine @ nio.inv_ornt_aff(transform, volume.array.shape)
-    return Volume(np.ascontiguousarray(array), affine, volume.source_shape, volume.source_axcodes, volume.meta)
+    return Volume(
+        np.ascontiguousarray(array), affine, volume.source_shape, volume.source_axcodes, volume.meta
+    )
 
 
 def check_size(shape: tuple[int, ...], settings: Settings, *, what: str = "volume") -> None:
     """Raise :class:`TooLargeError` when ``shape`` exceeds the configured limits (before loading voxels)."""
     if any(int(n) > settings.max_dim for n in shape):
         raise TooLargeError(
-            f"{what} of shape {tuple(int(n) for n in shape)} exceeds the limit of {settings.max_dim} voxels per "
+            f"{what} of shape {tuple(int(n) for n in shape)} exceeds the limit of {settings.max_dim} "
+            "voxels per "
             "axis (DISCGEO_MAX_DIM)"
         )
     total = int(np.prod([int(n) for n in shape], dtype=np.int64))
@@ -134,4 +143,6 @@ def check_finite(array: np.ndarray, *, what: str = "volume") -> None:
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
-            raise InvalidDataError(f"{what} holds {bad} NaN or infinite voxel values; fix or mask them before use")
+            raise InvalidDataError(
+                f"{what} holds {bad} NaN or infinite voxel values; fix or mask them before use"
+            )

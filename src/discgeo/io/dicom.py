@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from discgeo.config import Settings
 from discgeo.errors import (
@@ -126,8 +126,10 @@ def _frames(ds: Dataset, file: _File) -> list[_Frame]:
             def item(keyword: str, per: Dataset = per) -> Dataset | None:
                 return _first(per, keyword) or _first(shared, keyword)
 
-            pos, ori, meas = item("PlanePositionSequence"), item("PlaneOrientationSequence"), item(
-                "PixelMeasuresSequence"
+            pos, ori, meas = (
+                item("PlanePositionSequence"),
+                item("PlaneOrientationSequence"),
+                item("PixelMeasuresSequence"),
             )
             if pos is None or "ImagePositionPatient" not in pos:
                 raise MissingTagError(f"{file.name}: frame {number + 1} has no ImagePositionPatient")
@@ -136,8 +138,16 @@ def _frames(ds: Dataset, file: _File) -> list[_Frame]:
             if meas is None or "PixelSpacing" not in meas:
                 raise MissingTagError(f"{file.name}: frame {number + 1} has no PixelSpacing")
             trans = item("PixelValueTransformationSequence")
-            frames.append(_frame(file, number, pos.ImagePositionPatient, ori.ImageOrientationPatient,
-                                 meas.PixelSpacing, trans if trans is not None else Dataset()))
+            frames.append(
+                _frame(
+                    file,
+                    number,
+                    pos.ImagePositionPatient,
+                    ori.ImageOrientationPatient,
+                    meas.PixelSpacing,
+                    trans if trans is not None else Dataset(),
+                )
+            )
         return frames
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if keyword not in ds or ds[keyword].value in (None, ""):
@@ -267,8 +277,13 @@ class StudyScan:
 def scan(source: Source) -> StudyScan:
     """Read the headers of every file in ``source`` and group image objects by SeriesInstanceUID.
 
+    Files that are not DICOM are skipped and counted; a DICOM file that cannot be parsed stops the
+    scan with :class:`CorruptFileError`, so that no slice is silently lost.
+
     Raises
     ------
+    CorruptFileError
+        A DICOM file is truncated or damaged.
     NotDicomError
         ``source`` is one file and it is not DICOM, or no file of a folder/archive is DICOM.
     EmptyInputError
@@ -277,7 +292,6 @@ def scan(source: Source) -> StudyScan:
     files, single = _gather(source)
     skipped: dict[str, int] = {}
     groups: dict[str, SeriesInfo] = {}
-    errors: list[str] = []
     for file in files:
         try:
             ds = file.open(headers_only=True)
@@ -286,13 +300,12 @@ def scan(source: Source) -> StudyScan:
                 raise
             skipped["not DICOM"] = skipped.get("not DICOM", 0) + 1
             continue
-        except CorruptFileError as exc:
-            if single:
-                raise
-            errors.append(exc.message)
-            skipped["unreadable"] = skipped.get("unreadable", 0) + 1
-            continue
-        if "Rows" not in ds or "SeriesInstanceUID" not in ds:
+        is_image = "Image Storage" in getattr(ds.get("SOPClassUID"), "name", "")
+        if "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
+            if is_image:  # pydicom stops quietly at the end of a cut file
+                raise CorruptFileError(
+                    f"{file.name} is truncated: image attributes (Rows/Columns) are missing"
+                )
             skipped["not an image"] = skipped.get("not an image", 0) + 1
             continue
         uid = str(ds.SeriesInstanceUID)
@@ -322,8 +335,6 @@ def scan(source: Source) -> StudyScan:
         except (MissingTagError, GeometryError) as exc:
             info.problem = exc.message
     if not groups:
-        if errors:
-            raise CorruptFileError(f"no readable DICOM image in {len(files)} file(s); first problem: {errors[0]}")
         if skipped.get("not DICOM") == len(files):
             raise NotDicomError(f"none of the {len(files)} file(s) is DICOM")
         raise EmptyInputError(f"no DICOM image objects among {len(files)} file(s) ({_fmt(skipped)})")
@@ -353,12 +364,14 @@ def select_series(study: StudyScan, settings: Settings | None = None) -> tuple[S
     mr = [s for s in images if s.modality.upper() == "MR"]
     if not mr:
         found = sorted({s.modality or "unknown" for s in images})
-        raise ModalityError(f"no MR series in the study (found modality {', '.join(found)}); discgeo reads MR")
+        raise ModalityError(
+            f"no MR series in the study (found modality {', '.join(found)}); discgeo reads MR"
+        )
     planes = [s for s in mr if s.plane in settings.accepted_planes]
     if not planes:
-        found = ", ".join(f"{s.label} {s.plane}" for s in mr)
+        seen = ", ".join(f"{s.label} {s.plane}" for s in mr)
         raise SeriesSelectionError(
-            f"no {'/'.join(settings.accepted_planes)} MR series (found: {found}); "
+            f"no {'/'.join(settings.accepted_planes)} MR series (found: {seen}); "
             "set DISCGEO_ACCEPTED_PLANES to accept others"
         )
     order = {c: i for i, c in enumerate(settings.contrast_preference)}
@@ -404,11 +417,16 @@ def build_volume(series: SeriesInfo, settings: Settings | None = None) -> Volume
 
     ref = frames[0]
     tol = settings.orientation_tolerance
-    bad = [f for f in frames if np.max(np.abs(f.row_cosine - ref.row_cosine)) > tol
-           or np.max(np.abs(f.col_cosine - ref.col_cosine)) > tol]
+    bad = [
+        f
+        for f in frames
+        if np.max(np.abs(f.row_cosine - ref.row_cosine)) > tol
+        or np.max(np.abs(f.col_cosine - ref.col_cosine)) > tol
+    ]
     if bad:
         raise GeometryError(
-            f"series {series.label} mixes slice orientations: {len(bad)} of {len(frames)} slices differ from the "
+            f"series {series.label} mixes slice orientations: {len(bad)} of {len(frames)} slices differ "
+            "from the "
             f"first by more than {tol} in direction cosines (a localizer or several stacks in one series?)"
         )
     if any(f.pixel_spacing != ref.pixel_spacing for f in frames):
@@ -431,7 +449,8 @@ def build_volume(series: SeriesInfo, settings: Settings | None = None) -> Volume
     worst = int(np.argmax(deviation))
     if deviation[worst] > settings.slice_spacing_tolerance:
         raise GeometryError(
-            f"series {series.label} is not evenly spaced: slices {worst + 1} and {worst + 2} (of {len(frames)}, "
+            f"series {series.label} is not evenly spaced: slices {worst + 1} and {worst + 2} "
+            f"(of {len(frames)}, "
             f"ordered along the normal) are {steps[worst]:.3f} mm apart, the median step is {median:.3f} mm "
             "(missing slices?)"
         )
@@ -467,6 +486,8 @@ def _pixels(series: SeriesInfo, frames: list[_Frame]) -> np.ndarray:
     for k, frame in enumerate(frames):
         if frame.file is not loaded_file:  # multi-frame objects are decoded once
             ds = frame.file.open(headers_only=False)
+            if "PixelData" not in ds and "FloatPixelData" not in ds:
+                raise CorruptFileError(f"{frame.file.name} is truncated: it has no pixel data")
             try:
                 loaded = ds.pixel_array
             except Exception as exc:  # pydicom raises many types for undecodable or short pixel data
@@ -480,7 +501,9 @@ def _pixels(series: SeriesInfo, frames: list[_Frame]) -> np.ndarray:
         assert loaded is not None
         pixels = loaded if frame.index is None else loaded[frame.index]
         if pixels.shape != (series.rows, series.columns):
-            raise CorruptFileError(f"{frame.file.name}: pixel array shape {pixels.shape} does not match Rows/Columns")
+            raise CorruptFileError(
+                f"{frame.file.name}: pixel array shape {pixels.shape} does not match Rows/Columns"
+            )
         out[:, :, k] = pixels.T * np.float32(frame.slope) + np.float32(frame.intercept)
     return out
 
@@ -521,24 +544,30 @@ class SeriesTags:
 _TIMING = {"t1": (550.0, 12.0, 3), "t2": (3500.0, 100.0, 17)}
 
 
+# Array layout written per plane, as RAS+ axis codes of (columns, rows, slices).
+_WRITE_LAYOUT = {"sagittal": ("P", "I", "R"), "coronal": ("L", "I", "P"), "axial": ("L", "P", "S")}
+
+
 def write_dicom_series(
     volume: Volume,
     out_dir: str | Path,
     *,
     tags: SeriesTags | None = None,
     rescale: tuple[float, float] = (1.0, 0.0),
+    plane: str = "sagittal",
 ) -> list[Path]:
-    """Write ``volume`` as a sagittal single-frame MR series (one file per slice).
+    """Write ``volume`` as a single-frame MR series (one file per slice).
 
-    The array is reordered so that columns run posterior, rows run inferior and slices run
-    towards the patient's right (the usual sagittal layout); oblique affines are preserved exactly.
+    For a sagittal series the array is reordered so that columns run posterior, rows run inferior
+    and slices run towards the patient's right (the usual layout); ``plane`` picks the slice axis
+    for coronal or axial series. Oblique affines are preserved exactly.
     Stored values are ``round((value - intercept) / slope)`` as unsigned 16-bit integers.
     """
     tags = tags or SeriesTags()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slope, intercept = rescale
-    vol = volume.reoriented(("P", "I", "R"))
+    vol = volume.reoriented(_WRITE_LAYOUT[plane])
     stored = np.rint((vol.array.astype(np.float64) - intercept) / slope)
     if stored.min() < 0 or stored.max() > 65535:
         raise ValueError("values do not fit unsigned 16 bits with this rescale; choose slope/intercept")
@@ -549,12 +578,12 @@ def write_dicom_series(
     col_cos = lps[:3, 1] / sp[1]
     normal = np.cross(row_cos, col_cos)
 
-    def uid(kind: str) -> str:
+    def uid(kind: str) -> UID:
         return generate_uid(entropy_srcs=[tags.uid_seed, kind])
 
-    study_uid = tags.study_uid or uid("study")
-    series_uid = tags.series_uid or uid(f"series-{tags.series_number}")
-    for_uid = tags.frame_of_reference_uid or uid("frame-of-reference")
+    study_uid = UID(tags.study_uid) if tags.study_uid else uid("study")
+    series_uid = UID(tags.series_uid) if tags.series_uid else uid(f"series-{tags.series_number}")
+    for_uid = UID(tags.frame_of_reference_uid) if tags.frame_of_reference_uid else uid("frame-of-reference")
     tr, te, echo_train = _TIMING.get(tags.contrast, _TIMING["t1"])
     date = tags.study_datetime.strftime("%Y%m%d")
     time = tags.study_datetime.strftime("%H%M%S")
@@ -629,4 +658,3 @@ def write_dicom_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-

@@ -27,8 +27,10 @@ def read_mha(path: str | Path, *, settings: Settings | None = None, labels: bool
         raise CorruptFileError(f"{path.name} is not a readable MetaImage header") from None
     size = tuple(int(n) for n in reader.GetSize())
     if len(size) != 3 or reader.GetNumberOfComponents() != 1:
-        raise InvalidDataError(f"{path.name} has size {size} with {reader.GetNumberOfComponents()} components; "
-                               "discgeo needs one scalar 3D volume")
+        raise InvalidDataError(
+            f"{path.name} has size {size} with {reader.GetNumberOfComponents()} components; "
+            "discgeo needs one scalar 3D volume"
+        )
     check_size(size, settings, what=path.name)
     try:
         image = reader.Execute()

@@ -73,4 +73,3 @@ def _smallest_int(data: np.ndarray) -> np.ndarray:
         if info.min <= lo and hi <= info.max:
             return data.astype(dtype, copy=False)
     raise InvalidDataError(f"label values {lo}..{hi} do not fit 32-bit integers")
-
