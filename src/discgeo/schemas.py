@@ -1,0 +1,61 @@
+"""The wire contract: pydantic v2 models shared by the library, the CLI and the services.
+
+Every model forbids unknown fields. ``SCHEMA_VERSION`` changes whenever a field changes meaning or
+is removed; adding an optional field keeps it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1"
+
+Vector3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DiscGeometry(_Model):
+    """Measurements of one disc (definitions in :mod:`discgeo.geometry`)."""
+
+    level: str = Field(description="disc level, e.g. L4-L5")
+    label: int = Field(description="label value of the disc in the label map")
+    volume_mm3: float
+    mean_height_mm: float
+    middle_height_mm: float
+    anterior_height_mm: float
+    posterior_height_mm: float
+    ap_width_mm: float
+    lateral_width_mm: float
+    midsagittal_area_mm2: float
+    height_to_width_ratio: float
+    wedge_angle_deg: float
+    sagittal_angle_deg: float
+    axial_angle_deg: float
+    frontal_angle_deg: float
+    pca_sagittal_angle_deg: float
+    pca_axial_angle_deg: float
+    pca_frontal_angle_deg: float
+    centroid_ras_mm: Vector3
+    normal_ras: Vector3
+
+
+class DroppedFragment(_Model):
+    """A connected component too small to be a disc."""
+
+    label: int
+    volume_mm3: float
+
+
+class GeometryResult(_Model):
+    """All discs of one label map, bottom to top."""
+
+    schema_version: str = SCHEMA_VERSION
+    label_convention: str = Field(description="spider, multilabel or binary")
+    spacing_mm: Vector3
+    discs: list[DiscGeometry]
+    dropped_fragments: list[DroppedFragment] = Field(default_factory=list)
