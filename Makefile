@@ -25,12 +25,12 @@ run: setup
 	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests services docs bench training
+	$(VENV)/bin/ruff format --check src tests services docs bench training
 
 format: setup
-	$(VENV)/bin/ruff format src tests
-	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests services docs bench training
+	$(VENV)/bin/ruff check --fix src tests services docs bench training
 
 typecheck: setup
 	$(VENV)/bin/mypy

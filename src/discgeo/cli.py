@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from discgeo.errors import DiscgeoError
+from discgeo.schemas import GeometryResult
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -86,6 +87,47 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from discgeo.geometry import measure_discs
+    from discgeo.io import read_labels
+
+    labels = read_labels(args.labels)
+    result = measure_discs(labels, min_fragment_mm3=args.min_fragment_mm3)
+    print(format_geometry_table(result))
+    for fragment in result.dropped_fragments:
+        print(f"dropped fragment (label {fragment.label}): {fragment.volume_mm3:.0f} mm3")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(result.model_dump_json(indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+_TABLE = (
+    ("level", "level", "{}"),
+    ("label", "label", "{}"),
+    ("volume_mm3", "vol mm3", "{:.0f}"),
+    ("mean_height_mm", "mean h", "{:.2f}"),
+    ("middle_height_mm", "mid h", "{:.2f}"),
+    ("anterior_height_mm", "ant h", "{:.2f}"),
+    ("posterior_height_mm", "post h", "{:.2f}"),
+    ("ap_width_mm", "AP mm", "{:.1f}"),
+    ("lateral_width_mm", "lat mm", "{:.1f}"),
+    ("wedge_angle_deg", "wedge", "{:.1f}"),
+    ("sagittal_angle_deg", "sag deg", "{:.1f}"),
+)
+
+
+def format_geometry_table(result: GeometryResult) -> str:
+    """Per-disc table (heights and widths in mm, angles in degrees), top disc first."""
+    rows = [[title for _, title, _ in _TABLE]]
+    for disc in reversed(result.discs):
+        values = disc.model_dump()
+        rows.append([fmt.format(values[key]) for key, _, fmt in _TABLE])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from discgeo import __version__
@@ -98,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="DICOM folder, zip or file; NIfTI; MHA/MHD")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_info)
+
+    measure = sub.add_parser("measure", help="measure every disc of a label map in mm and degrees")
+    measure.add_argument("labels", help="label map: NIfTI, MHA/MHD or DICOM SEG")
+    measure.add_argument("--out", help="write the measurements as JSON to this file")
+    measure.add_argument(
+        "--min-fragment-mm3",
+        type=float,
+        default=200.0,
+        help="drop connected components smaller than this (default 200)",
+    )
+    measure.set_defaults(func=_cmd_measure)
 
     phantom = sub.add_parser("phantom", help="generate synthetic lumbar MRI studies with ground truth")
     phantom.add_argument("out", help="output folder")

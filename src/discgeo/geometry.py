@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -152,7 +153,8 @@ def find_discs(
         found.append((value, work[box] == value, _crop_affine(affine, box)))
     if not found:
         raise InvalidDataError(
-            f"no disc of at least {min_fragment_mm3:g} mm3 in the label map ({len(dropped)} fragment(s) dropped)"
+            f"no disc of at least {min_fragment_mm3:g} mm3 in the label map "
+            f"({len(dropped)} fragment(s) dropped)"
         )
     if convention == "spider":
         discs = [_Disc(v, levels.level_of_disc_label(v), m, a) for v, m, a in found]
@@ -189,8 +191,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x)
 
 
-def _deg(y: float, x: float) -> float:
-    return math.degrees(math.atan2(y, x))
+def _deg(y: Any, x: Any) -> float:
+    return math.degrees(math.atan2(float(y), float(x)))
 
 
 def _principal_frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -226,11 +228,17 @@ class _Sampler:
 
     def at_voxels(self, coords: np.ndarray) -> np.ndarray:
         """Sample at voxel coordinates given as (3, ...)."""
-        return ndimage.map_coordinates(self.volume, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+        return ndimage.map_coordinates(
+            self.volume, coords, order=1, mode="constant", cval=0.0, prefilter=False
+        )
 
 
 def _extent(
-    sample: _Sampler, centre: np.ndarray, axis: np.ndarray, across: tuple[np.ndarray, np.ndarray], reach: float
+    sample: _Sampler,
+    centre: np.ndarray,
+    axis: np.ndarray,
+    across: tuple[np.ndarray, np.ndarray],
+    reach: float,
 ) -> tuple[float, float]:
     """Mean positions (along ``axis``, from ``centre``) of the two 0.5 crossings over a 5x5 line bundle."""
     t = np.arange(-reach, reach + LINE_STEP_MM, LINE_STEP_MM)
@@ -289,7 +297,10 @@ class _Columns:
 
 
 def _columns(
-    sample: _Sampler, centre: np.ndarray, frame: tuple[np.ndarray, np.ndarray, np.ndarray], local: np.ndarray,
+    sample: _Sampler,
+    centre: np.ndarray,
+    frame: tuple[np.ndarray, np.ndarray, np.ndarray],
+    local: np.ndarray,
     step: float,
 ) -> _Columns:
     lo = local.min(axis=0) - 2.0
@@ -334,7 +345,7 @@ def _refined_frame(
     return u, v * (1 if v[0] >= 0 else -1), w
 
 
-def measure_disc(mask: np.ndarray, affine: np.ndarray) -> dict[str, float | list[float]]:
+def measure_disc(mask: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
     """Measure one disc given as a boolean mask on a grid with voxel-to-RAS+ ``affine``."""
     idx = np.argwhere(mask)
     if idx.shape[0] < 8:
@@ -405,7 +416,9 @@ def measure_discs(labels: Volume, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGM
         array = array.astype(np.int32)
     discs, dropped, convention = find_discs(array, labels.affine, min_fragment_mm3=min_fragment_mm3)
     results = [
-        DiscGeometry(level=disc.level, label=disc.label, **measure_disc(disc.mask, disc.affine)) for disc in discs
+        DiscGeometry(level=disc.level, label=disc.label, **measure_disc(disc.mask, disc.affine))
+        for disc in discs
     ]
-    return GeometryResult(discs=results, dropped_fragments=dropped, label_convention=convention,
-                          spacing_mm=list(labels.spacing))
+    return GeometryResult(
+        discs=results, dropped_fragments=dropped, label_convention=convention, spacing_mm=list(labels.spacing)
+    )

@@ -15,6 +15,9 @@ junction is in view, which holds for lumbar spine protocols.
 
 from __future__ import annotations
 
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
 DISC_LABEL_BASE = 200
 CANAL_LABEL = 100
 PARTIAL_VERTEBRA_OFFSET = 100
@@ -64,3 +67,38 @@ def level_of_disc_label(value: int) -> str:
 
 
 LUMBAR_LEVELS = tuple(level_name(i) for i in range(5))
+
+
+_ORDINALS = (
+    "First",
+    "Second",
+    "Third",
+    "Fourth",
+    "Fifth",
+    "Sixth",
+    "Seventh",
+    "Eighth",
+    "Ninth",
+    "Tenth",
+    "Eleventh",
+    "Twelfth",
+)
+_REGIONS = {"C": "Cervical", "T": "Thoracic", "L": "Lumbar"}
+
+
+def disc_structure_code(level: str) -> Code:
+    """SNOMED CT body structure of a disc level, e.g. L4-L5 -> 'Intervertebral disc structure of fourth
+    lumbar vertebra' (the disc below the named vertebra)."""
+    upper = level.split("-")[0]
+    name = f"IntervertebralDiscStructureOf{_ORDINALS[int(upper[1:]) - 1]}{_REGIONS[upper[0]]}Vertebra"
+    code = getattr(codes.SCT, name)
+    # DICOM limits code meanings to 64 characters: drop SNOMED's semantic tag "(body structure)"
+    return Code(code.value, code.scheme_designator, code.meaning.replace(" (body structure)", ""))
+
+
+def level_from_name(text: str) -> int | None:
+    """Index from the bottom of a level name found in ``text`` ('L4-L5' -> 1), or None."""
+    for index in range(len(_VERTEBRAE_FROM_BOTTOM) - 1):
+        if level_name(index) in text:
+            return index
+    return None

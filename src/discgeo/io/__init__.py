@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from discgeo.config import Settings
-from discgeo.errors import NotFoundError
+from discgeo.errors import NotFoundError, UnsupportedFormatError
 from discgeo.io.dicom import read_dicom
 from discgeo.io.mha import read_mha
 from discgeo.io.nifti import read_nifti, write_nifti
@@ -28,4 +28,17 @@ def read_volume(path: str | Path, *, settings: Settings | None = None, labels: b
     return read_dicom(path, settings=settings)
 
 
-__all__ = ["read_dicom", "read_mha", "read_nifti", "read_volume", "write_nifti"]
+def read_labels(path: str | Path, *, settings: Settings | None = None) -> Volume:
+    """Read a label map from NIfTI, MetaImage/NRRD or a DICOM SEG file."""
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_file() and not name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
+        from discgeo.io.seg import read_seg
+
+        return read_seg(path)
+    if path.is_dir():
+        raise UnsupportedFormatError(f"{path} is a folder; give a NIfTI, MHA or DICOM SEG file of labels")
+    return read_volume(path, settings=settings, labels=True)
+
+
+__all__ = ["read_dicom", "read_labels", "read_mha", "read_nifti", "read_volume", "write_nifti"]

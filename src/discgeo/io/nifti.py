@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -53,6 +56,41 @@ def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bo
         array = data.astype(np.float32, copy=False)
     source_axcodes = tuple(str(c) for c in nib.aff2axcodes(affine))
     return Volume(array, affine, shape, source_axcodes, {"format": "nifti"}).canonical()
+
+
+def nifti_from_bytes(
+    data: bytes, *, settings: Settings | None = None, labels: bool = False, name: str = "upload"
+) -> Volume:
+    """Read an uploaded NIfTI file (plain or gzip-compressed) from memory.
+
+    The header is checked against the size limits before the voxel data is decompressed, so a
+    small compressed upload cannot expand into an oversized volume.
+    """
+    settings = settings or Settings.from_env()
+    gz = data[:2] == b"\x1f\x8b"
+    try:
+        head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(544) if gz else data[:544]
+    except (OSError, EOFError, zlib.error):
+        raise CorruptFileError(f"{name}: damaged gzip stream") from None
+    if len(head) < 348:
+        raise UnsupportedFormatError(f"{name}: {len(head)} bytes is too short for a NIfTI file")
+    try:
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=True)
+    except Exception:  # nibabel raises several types for foreign bytes
+        try:
+            header = nib.Nifti2Header.from_fileobj(io.BytesIO(head), check=True)
+        except Exception:
+            raise UnsupportedFormatError(f"{name} is not a NIfTI file") from None
+    check_size(tuple(int(n) for n in header.get_data_shape()[:3]), settings, what=name)
+    suffix = ".nii.gz" if gz else ".nii"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{suffix}"
+        path.write_bytes(data)
+        volume = read_nifti(path, settings=settings, labels=labels)
+        # the file is gone after this block: make sure no lazy proxy still points at it
+        return Volume(
+            np.array(volume.array), volume.affine, volume.source_shape, volume.source_axcodes, volume.meta
+        )
 
 
 def write_nifti(volume: Volume, path: str | Path) -> Path:

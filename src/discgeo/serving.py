@@ -1,0 +1,72 @@
+"""What every BentoML adapter shares: error mapping, Prometheus metrics, timing.
+
+Only the service processes import this module (it needs bentoml); it must not import torch.
+Metric names follow the conventions: ``discgeo_`` prefix, base units, counters end in ``_total``,
+no per-study labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http import HTTPStatus
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+from discgeo.errors import DiscgeoError
+
+log = logging.getLogger("discgeo.service")
+
+STAGE_SECONDS = bentoml.metrics.Histogram(
+    name="discgeo_stage_seconds",
+    documentation="Wall time of one stage request, seconds",
+    labelnames=["stage"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+)
+REQUESTS = bentoml.metrics.Counter(
+    name="discgeo_requests_total",
+    documentation="Stage requests by outcome (ok, client_error, server_error)",
+    labelnames=["stage", "outcome"],
+)
+ERRORS = bentoml.metrics.Counter(
+    name="discgeo_errors_total",
+    documentation="Rejected or failed stage requests by reason (the error code)",
+    labelnames=["stage", "reason"],
+)
+DISCS = bentoml.metrics.Counter(
+    name="discgeo_discs_processed_total",
+    documentation="Discs handled by a stage",
+    labelnames=["stage"],
+)
+INPUT_BYTES = bentoml.metrics.Histogram(
+    name="discgeo_request_input_bytes",
+    documentation="Size of the request payload, bytes",
+    labelnames=["stage"],
+    buckets=(1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
+)
+
+
+@contextmanager
+def stage_request(stage: str) -> Iterator[None]:
+    """Time a request, count its outcome and turn discgeo errors into HTTP errors with their status."""
+    start = time.perf_counter()
+    try:
+        yield
+    except DiscgeoError as exc:
+        REQUESTS.labels(
+            stage=stage, outcome="client_error" if exc.http_status < 500 else "server_error"
+        ).inc()
+        ERRORS.labels(stage=stage, reason=exc.code).inc()
+        log.info("%s request rejected: %s", stage, exc.code)
+        raise BentoMLException(exc.message, error_code=HTTPStatus(exc.http_status)) from None
+    except Exception:
+        REQUESTS.labels(stage=stage, outcome="server_error").inc()
+        ERRORS.labels(stage=stage, reason="internal").inc()
+        raise
+    else:
+        REQUESTS.labels(stage=stage, outcome="ok").inc()
+    finally:
+        STAGE_SECONDS.labels(stage=stage).observe(time.perf_counter() - start)
