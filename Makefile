@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup run test test-fast lint typecheck format bench clean
+.PHONY: setup run test test-fast lint typecheck format bench bench-geometry clean
 
 setup: $(STAMP)
 
@@ -43,3 +43,6 @@ test-fast: setup
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache
+
+bench-geometry: setup
+	$(PY) -m bench.geometry --cases 6
