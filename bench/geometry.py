@@ -29,8 +29,17 @@ SETTINGS = {
     "1 mm, grid rotated 20 deg about R": ((1.0, 1.0, 1.0), (20.0, 0.0, 0.0)),
     "3.3 x 0.6 x 0.6 mm, grid rotated 20 deg about S": ((3.3, 0.6, 0.6), (0.0, 0.0, 20.0)),
 }
-SHOWN = ("volume_mm3", "mean_height_mm", "middle_height_mm", "anterior_height_mm", "posterior_height_mm",
-         "ap_width_mm", "lateral_width_mm", "wedge_angle_deg", "sagittal_angle_deg")
+SHOWN = (
+    "volume_mm3",
+    "mean_height_mm",
+    "middle_height_mm",
+    "anterior_height_mm",
+    "posterior_height_mm",
+    "ap_width_mm",
+    "lateral_width_mm",
+    "wedge_angle_deg",
+    "sagittal_angle_deg",
+)
 
 
 def accuracy(cases: int) -> dict[str, dict[str, float]]:
@@ -62,8 +71,14 @@ def real_cases() -> tuple[dict[str, list[dict]], dict[str, float]]:
                 result = measure_discs(labels)
                 times.append(time.perf_counter() - start)
         timings[case] = min(times)
-        tables[case] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in d.model_dump().items()
-                         if k in ("level", "label", *SHOWN)} for d in result.discs]
+        tables[case] = [
+            {
+                k: (round(v, 2) if isinstance(v, float) else v)
+                for k, v in d.model_dump().items()
+                if k in ("level", "label", *SHOWN)
+            }
+            for d in result.discs
+        ]
     return tables, timings
 
 
@@ -73,23 +88,39 @@ def main() -> None:
     args = parser.parse_args()
     acc = accuracy(args.cases)
     tables, timings = real_cases()
-    results = {"machine": {"python": platform.python_version(), "processor": platform.processor(),
-                           "machine": platform.machine()},
-               "phantom_median_abs_error": acc, "real_cases": tables, "seconds_one_core": timings}
+    results = {
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor(),
+            "machine": platform.machine(),
+        },
+        "phantom_median_abs_error": acc,
+        "real_cases": tables,
+        "seconds_one_core": timings,
+    }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "geometry.json").write_text(json.dumps(results, indent=1))
-    lines = ["# Geometry: accuracy on phantoms and speed on real masks", "",
-             f"`python -m bench.geometry --cases {args.cases}` (phantom seed 100, cases 0-{args.cases - 1}, "
-             "full lateral coverage). Median absolute error against the analytic truth; volume in %, "
-             "lengths in mm, angles in degrees. Synthetic phantoms, not clinical accuracy.", "",
-             "| setting | discs | " + " | ".join(SHOWN) + " |", "|---" * (len(SHOWN) + 2) + "|"]
+    lines = [
+        "# Geometry: accuracy on phantoms and speed on real masks",
+        "",
+        f"`python -m bench.geometry --cases {args.cases}` (phantom seed 100, cases 0-{args.cases - 1}, "
+        "full lateral coverage). Median absolute error against the analytic truth; volume in %, "
+        "lengths in mm, angles in degrees. Synthetic phantoms, not clinical accuracy.",
+        "",
+        "| setting | discs | " + " | ".join(SHOWN) + " |",
+        "|---" * (len(SHOWN) + 2) + "|",
+    ]
     for name, row in acc.items():
         lines.append(f"| {name} | {row['discs']} | " + " | ".join(f"{row[f]:.3f}" for f in SHOWN) + " |")
     lines += ["", "## Real T2 cases (Menezes-Reis et al. 2016), manual disc masks", ""]
     for case, rows in tables.items():
-        lines += [f"### {case}: {timings[case]:.3f} s for all discs on one core (best of 5)", "",
-                  "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+        lines += [
+            f"### {case}: {timings[case]:.3f} s for all discs on one core (best of 5)",
+            "",
+            "| " + " | ".join(rows[0]) + " |",
+            "|---" * len(rows[0]) + "|",
+        ]
         lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
         lines.append("")
     (out / "geometry.md").write_text("\n".join(lines) + "\n")

@@ -128,6 +128,30 @@ def format_geometry_table(result: GeometryResult) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from discgeo.analysis import analyze
+    from discgeo.config import Settings
+    from discgeo.encoding import Encoder
+
+    settings = Settings.from_env()
+    encoder = Encoder.from_artifact(args.encoder or settings.artifact("autoencoder"))
+    summary = analyze(
+        Path(args.cohort),
+        Path(args.out),
+        encoder,
+        folds=args.folds,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(f"{summary['patients']} patients, {summary['discs']} discs, {summary['narrowed']} narrowed")
+    for r in summary["results"]:
+        auc = r["auc"]
+        print(f"  {r['model']:9s} {r['feature_set']:9s} AUC {auc[0]:.3f} [{auc[1]:.3f}-{auc[2]:.3f}]")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from discgeo import __version__
@@ -151,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop connected components smaller than this (default 200)",
     )
     measure.set_defaults(func=_cmd_measure)
+
+    analyze = sub.add_parser(
+        "analyze", help="feature-set comparison, correlations and traversals on a cohort"
+    )
+    analyze.add_argument(
+        "cohort", help="a phantom cohort folder or a SPIDER root (masks/, radiological_gradings.csv)"
+    )
+    analyze.add_argument("--out", required=True, help="folder for report.md, figures, features.csv")
+    analyze.add_argument(
+        "--encoder",
+        help="autoencoder artifact folder (default: DISCGEO_AUTOENCODER_ARTIFACT or models/autoencoder)",
+    )
+    analyze.add_argument("--folds", type=int, default=5)
+    analyze.add_argument("--bootstrap", type=int, default=1000)
+    analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--quiet", action="store_true")
+    analyze.set_defaults(func=_cmd_analyze)
 
     phantom = sub.add_parser("phantom", help="generate synthetic lumbar MRI studies with ground truth")
     phantom.add_argument("out", help="output folder")

@@ -9,6 +9,9 @@ variable                               meaning (default)
 ``DISCGEO_ACCEPTED_PLANES``            acquisition planes a study series may have (``sagittal``)
 ``DISCGEO_ORIENTATION_TOLERANCE``      max difference of direction cosines within a series (1e-3)
 ``DISCGEO_SLICE_SPACING_TOLERANCE``    max relative deviation of slice spacing from the median (0.05)
+``DISCGEO_MODELS_DIR``                 folder of model artifacts (``models/`` of the source tree)
+``DISCGEO_<NAME>_ARTIFACT``            one artifact folder, e.g. ``DISCGEO_AUTOENCODER_ARTIFACT``
+``DISCGEO_ONNX_PROVIDERS``             ONNX Runtime providers in order (CUDA, then CPU, if offered)
 =====================================  ==========================================================
 """
 
@@ -17,10 +20,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from discgeo.errors import ConfigurationError
 
 PLANES = ("sagittal", "coronal", "axial")
+SOURCE_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 CONTRASTS = ("t1", "t2")
 
 
@@ -34,6 +39,13 @@ class Settings:
     accepted_planes: tuple[str, ...] = ("sagittal",)
     orientation_tolerance: float = 1e-3
     slice_spacing_tolerance: float = 0.05
+    models_dir: Path = SOURCE_MODELS_DIR
+    artifact_overrides: tuple[tuple[str, Path], ...] = ()
+    onnx_providers: tuple[str, ...] = ()
+
+    def artifact(self, name: str) -> Path:
+        """Folder of the artifact ``name`` (``autoencoder``, ``segmenter``, ``classifier``)."""
+        return dict(self.artifact_overrides).get(name, self.models_dir / name)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -87,4 +99,11 @@ class Settings:
             accepted_planes=as_choices("ACCEPTED_PLANES", cls.accepted_planes, PLANES),
             orientation_tolerance=as_float("ORIENTATION_TOLERANCE", cls.orientation_tolerance),
             slice_spacing_tolerance=as_float("SLICE_SPACING_TOLERANCE", cls.slice_spacing_tolerance),
+            models_dir=Path(get("MODELS_DIR") or SOURCE_MODELS_DIR),
+            artifact_overrides=tuple(
+                (name, Path(value))
+                for name in ("autoencoder", "segmenter", "classifier")
+                if (value := get(f"{name.upper()}_ARTIFACT"))
+            ),
+            onnx_providers=tuple(p.strip() for p in (get("ONNX_PROVIDERS") or "").split(",") if p.strip()),
         )

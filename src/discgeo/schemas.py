@@ -59,3 +59,20 @@ class GeometryResult(_Model):
     spacing_mm: Vector3
     discs: list[DiscGeometry]
     dropped_fragments: list[DroppedFragment] = Field(default_factory=list)
+
+
+class NarrowingRequest(_Model):
+    """Features of one or more discs: by name (``discs``) or as rows in the model's order (``rows``)."""
+
+    discs: list[dict[str, float]] | None = None
+    rows: list[list[float]] | None = None
+
+
+class NarrowingPrediction(_Model):
+    """Narrowing probability and label per disc."""
+
+    probabilities: list[float]
+    labels: list[int]
+    threshold: float
+    features: list[str]
+    model_version: str

@@ -1,0 +1,49 @@
+"""Classifier service: disc features in (JSON), narrowing probability, label and model version out.
+
+bentoml serve services/classifier/service.py:Classifier --port 3004
+"""
+
+from __future__ import annotations
+
+import bentoml
+import numpy as np
+
+from discgeo import __version__
+from discgeo.classification import NarrowingClassifier
+from discgeo.config import Settings
+from discgeo.errors import InvalidDataError
+from discgeo.schemas import NarrowingPrediction, NarrowingRequest
+from discgeo.serving import DISCS, stage_request
+
+STAGE = "classifier"
+
+
+@bentoml.service(
+    name="discgeo-classifier",
+    traffic={"timeout": 30, "concurrency": 32},
+    resources={"cpu": "1"},
+    labels={"discgeo_version": __version__},
+)
+class Classifier:
+    def __init__(self) -> None:
+        self.model = NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier"))
+
+    @bentoml.api(route="/predict", input_spec=NarrowingRequest)
+    def predict(self, **request: object) -> NarrowingPrediction:
+        """Narrowing probability for each disc (features by name, or rows in ``features`` order)."""
+        with stage_request(STAGE):
+            body = NarrowingRequest.model_validate(request)
+            if (body.discs is None) == (body.rows is None):
+                raise InvalidDataError("give exactly one of 'discs' (features by name) or 'rows'")
+            data = body.discs if body.discs is not None else np.asarray(body.rows, dtype=np.float64)
+            if isinstance(data, np.ndarray) and data.ndim != 2:
+                raise InvalidDataError(f"'rows' must be a list of rows of {len(self.model.features)} numbers")
+            probabilities, labels = self.model.predict(data)
+            DISCS.labels(stage=STAGE).inc(len(labels))
+            return NarrowingPrediction(
+                probabilities=probabilities.tolist(),
+                labels=labels.tolist(),
+                threshold=self.model.threshold,
+                features=list(self.model.features),
+                model_version=self.model.version,
+            )

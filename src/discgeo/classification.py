@@ -1,0 +1,160 @@
+"""Disc-narrowing classifier on latent + geometric features (scikit-learn), stored safely with skops.
+
+Feature sets (:data:`FEATURE_SETS`): ``latent`` (the autoencoder's code), ``geometric`` (the
+reference study's six features in mm/degrees, :data:`discgeo.geometry.REFERENCE_FEATURES`) and
+``combined`` (both). Models: gradient boosting (``HistGradientBoostingClassifier``) and a
+logistic-regression baseline, each after standard scaling, with isotonic/sigmoid calibration of the
+probabilities by internal cross-validation.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from discgeo.errors import ArtifactError, InvalidDataError
+from discgeo.geometry import REFERENCE_FEATURES
+
+MODEL_FILE = "classifier.skops"
+
+
+def latent_names(dim: int) -> tuple[str, ...]:
+    """Names of the latent features: latent_0 .. latent_{dim-1}."""
+    return tuple(f"latent_{i}" for i in range(dim))
+
+
+def feature_sets(latent_dim: int) -> dict[str, tuple[str, ...]]:
+    """The three feature sets compared by the study."""
+    latent = latent_names(latent_dim)
+    return {"latent": latent, "geometric": REFERENCE_FEATURES, "combined": latent + REFERENCE_FEATURES}
+
+
+FEATURE_SETS = feature_sets(4)
+
+
+def make_model(kind: str = "boosting", *, seed: int = 0, calibrate: bool = True) -> Any:
+    """A scikit-learn pipeline: scaling + classifier, optionally with calibrated probabilities."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if kind == "boosting":
+        estimator = HistGradientBoostingClassifier(
+            max_iter=200,
+            learning_rate=0.05,
+            max_leaf_nodes=15,
+            min_samples_leaf=20,
+            l2_regularization=1.0,
+            random_state=seed,
+        )
+    elif kind == "logistic":
+        estimator = LogisticRegression(C=1.0, max_iter=2000)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}; use boosting or logistic")
+    pipeline = make_pipeline(StandardScaler(), estimator)
+    if not calibrate:
+        return pipeline
+    return CalibratedClassifierCV(pipeline, method="sigmoid", cv=3)
+
+
+class NarrowingClassifier:
+    """A fitted narrowing model with its feature order, threshold and provenance."""
+
+    def __init__(
+        self,
+        model: Any,
+        features: Sequence[str],
+        *,
+        threshold: float = 0.5,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.features = tuple(features)
+        self.threshold = threshold
+        self.metadata = dict(metadata or {})
+
+    @property
+    def version(self) -> str:
+        """Artifact version."""
+        return str(self.metadata.get("version", "unversioned"))
+
+    def _matrix(self, rows: np.ndarray | Sequence[Mapping[str, float]]) -> np.ndarray:
+        if isinstance(rows, np.ndarray):
+            x = np.asarray(rows, dtype=np.float64)
+            if x.ndim != 2 or x.shape[1] != len(self.features):
+                raise InvalidDataError(
+                    f"expected features [N, {len(self.features)}] in the order "
+                    f"{', '.join(self.features)}; got shape {list(x.shape)}"
+                )
+        else:
+            missing = sorted({f for row in rows for f in self.features if f not in row})
+            if missing:
+                raise InvalidDataError(f"missing feature(s): {', '.join(missing)}")
+            x = np.array([[float(row[f]) for f in self.features] for row in rows], dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise InvalidDataError("features must be finite numbers (NaN or infinity found)")
+        return x
+
+    def predict_proba(self, rows: np.ndarray | Sequence[Mapping[str, float]]) -> np.ndarray:
+        """Probability of narrowing per disc."""
+        return np.asarray(self.model.predict_proba(self._matrix(rows))[:, 1])
+
+    def predict(self, rows: np.ndarray | Sequence[Mapping[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, 0/1 labels at the stored threshold)."""
+        p = self.predict_proba(rows)
+        return p, (p >= self.threshold).astype(int)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``classifier.skops`` and metadata.json (feature order, versions, sha256)."""
+        import sklearn
+        import skops.io as sio
+
+        from discgeo.artifacts import write_artifact
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sio.dump(self.model, folder / MODEL_FILE)
+        metadata = {
+            **self.metadata,
+            "kind": "classifier",
+            "features": list(self.features),
+            "threshold": self.threshold,
+            "files": {"model": MODEL_FILE},
+            "libraries": {
+                "scikit-learn": sklearn.__version__,
+                "skops": _version("skops"),
+                "numpy": np.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        return write_artifact(folder, metadata)
+
+    @classmethod
+    def from_artifact(cls, path: str | Path) -> NarrowingClassifier:
+        """Load a verified artifact; only the types skops reports are trusted are accepted."""
+        import skops.io as sio
+
+        from discgeo.artifacts import load_artifact
+
+        folder, metadata = load_artifact(path, kind="classifier")
+        file = folder / metadata["files"]["model"]
+        untrusted = [t for t in sio.get_untrusted_types(file=file) if not t.startswith(_TRUSTED_PREFIXES)]
+        if untrusted:
+            raise ArtifactError(f"{file.name} holds types outside scikit-learn/numpy: {', '.join(untrusted)}")
+        model = sio.load(file, trusted=sio.get_untrusted_types(file=file))
+        return cls(model, metadata["features"], threshold=float(metadata["threshold"]), metadata=metadata)
+
+
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

@@ -1,0 +1,239 @@
+"""Disc crops and the latent shape code (autoencoder encoder/decoder run with ONNX Runtime).
+
+Disc crops
+----------
+Each disc mask is taken in RAS+ voxel order (the canonical orientation of every discgeo volume),
+resampled to an isotropic grid of :data:`CROP_SPACING_MM` along those voxel axes (trilinear
+interpolation of the mask, threshold 0.5) and centred by its bounding box in a 64x64x64 cube.
+Size and tilt are kept: no rescaling, no rotation, as in the reference study. 1.0 mm covers 64 mm,
+more than the lateral width of lumbar discs (about 40-60 mm), and keeps 5-12 voxels across a disc's
+height. A disc whose bounding box exceeds the cube is reported in :class:`CropResult.too_large`,
+never cut.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from discgeo.errors import InvalidDataError, TooLargeError, UnsupportedFormatError
+from discgeo.geometry import find_discs
+from discgeo.volume import Volume
+
+log = logging.getLogger(__name__)
+
+CROP_SIZE = 64
+CROP_SPACING_MM = 1.0
+
+
+@dataclass
+class CropResult:
+    """Crops of the discs that fit, and the discs that did not."""
+
+    crops: np.ndarray  # uint8 [N, 64, 64, 64]
+    levels: list[str]
+    labels: list[int]
+    too_large: list[dict[str, Any]] = field(default_factory=list)
+
+
+def crop_disc(
+    mask: np.ndarray, affine: np.ndarray, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM
+) -> np.ndarray | None:
+    """Crop one disc (boolean mask on a RAS+-ordered grid) into a ``size``^3 cube; None if it does not fit.
+
+    The cube's axes follow the mask's voxel axes (after the canonical reordering), so an oblique
+    acquisition keeps its obliqueness, as in the reference study.
+    """
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        raise InvalidDataError("empty disc mask")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
+    hi = (idx.max(axis=0) + 0.5) * spacing
+    extent = hi - lo
+    if np.any(extent > size * spacing_mm):
+        return None
+    centre = (lo + hi) / 2
+    # target voxel t (0..size-1) sits at centre + (t - (size-1)/2) * spacing_mm along each axis
+    offsets = (np.arange(size) - (size - 1) / 2) * spacing_mm
+    coords = [(centre[a] + offsets) / spacing[a] for a in range(3)]
+    grid = np.meshgrid(*coords, indexing="ij")
+    values = ndimage.map_coordinates(
+        mask.astype(np.float32), grid, order=1, mode="constant", cval=0.0, prefilter=False
+    )
+    return (values >= 0.5).astype(np.uint8)
+
+
+def disc_crops(labels: Volume, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> CropResult:
+    """Crops of every disc of a label map (disc identification as in :func:`discgeo.geometry.find_discs`)."""
+    canonical = labels.canonical()
+    array = np.asarray(canonical.array)
+    if not np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.int32)
+    discs, _, _ = find_discs(array, canonical.affine)
+    crops, levels, values, too_large = [], [], [], []
+    for disc in discs:
+        crop = crop_disc(disc.mask, disc.affine, size=size, spacing_mm=spacing_mm)
+        if crop is None:
+            spacing = np.linalg.norm(disc.affine[:3, :3], axis=0)
+            idx = np.argwhere(disc.mask)
+            extent = ((idx.max(axis=0) - idx.min(axis=0) + 1) * spacing).round(1).tolist()
+            too_large.append({"level": disc.level, "label": disc.label, "extent_mm": extent})
+            log.warning("disc %s (%s mm) does not fit the %d mm crop", disc.level, extent, size * spacing_mm)
+            continue
+        crops.append(crop)
+        levels.append(disc.level)
+        values.append(disc.label)
+    stacked = np.stack(crops) if crops else np.zeros((0, size, size, size), np.uint8)
+    return CropResult(stacked, levels, values, too_large)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample intersection over union of two boolean batches [N, ...]."""
+    a = a.reshape(a.shape[0], -1).astype(bool)
+    b = b.reshape(b.shape[0], -1).astype(bool)
+    inter = np.count_nonzero(a & b, axis=1)
+    union = np.count_nonzero(a | b, axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+MAX_CROPS_PER_REQUEST = 256
+
+
+def pack_crops(crops: np.ndarray) -> bytes:
+    """Binary crops [N, 64, 64, 64] as a compressed .npz of packed bits (~1-3 kB per disc)."""
+    x = np.asarray(crops)
+    if x.ndim != 4 or x.shape[1:] != (CROP_SIZE, CROP_SIZE, CROP_SIZE):
+        raise InvalidDataError(f"crops must be [N, 64, 64, 64], got {list(x.shape)}")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, packed=np.packbits(x.astype(bool), axis=-1), count=np.array(len(x)))
+    return buffer.getvalue()
+
+
+def unpack_crops(data: bytes, *, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarray:
+    """Inverse of :func:`pack_crops`, with validation (a clear error for anything else)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            packed, count = npz["packed"], int(npz["count"])
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise UnsupportedFormatError(
+            f"crops must be an .npz with 'packed' bits and 'count' ({exc})"
+        ) from None
+    expected = (count, CROP_SIZE, CROP_SIZE, CROP_SIZE // 8)
+    if packed.dtype != np.uint8 or packed.shape != expected:
+        raise InvalidDataError(
+            f"packed crops must be uint8 {list(expected)}, got {packed.dtype} {list(packed.shape)}"
+        )
+    if count > limit:
+        raise TooLargeError(f"{count} crops in one request; the limit is {limit}")
+    return np.unpackbits(packed, axis=-1)
+
+
+def select_providers(preferred: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime providers to ask for.
+
+    Default: CUDA first when this build offers it and an NVIDIA device node exists, then CPU. The
+    provider actually used must still be read from ``session.get_providers()``: without CUDA
+    libraries ONNX Runtime falls back to CPU.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if preferred:
+        wanted = list(preferred)
+    elif Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists():
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        wanted = ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session; the providers actually used are in ``session.get_providers()``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=select_providers(providers))
+    requested = select_providers(providers)
+    if requested[0] != session.get_providers()[0]:
+        log.warning("asked for %s, ONNX Runtime uses %s", requested[0], session.get_providers()[0])
+    return session
+
+
+class Encoder:
+    """The autoencoder's encoder and decoder, from an artifact folder (see :mod:`discgeo.artifacts`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        metadata: dict[str, Any],
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.folder = folder
+        self.metadata = metadata
+        self.version = str(metadata["version"])
+        self.crop_spacing_mm = float(metadata["crop_spacing_mm"])
+        files = metadata["files"]
+        self.encoder = open_session(folder / files["encoder"], providers, threads)
+        self.decoder = open_session(folder / files["decoder"], providers, threads)
+        self.latent_dim = int(metadata["latent_dim"])
+
+    @classmethod
+    def from_artifact(
+        cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None
+    ) -> Encoder:
+        """Load and verify an encoder artifact folder (``metadata.json`` + ONNX files)."""
+        from discgeo.artifacts import load_artifact
+
+        folder, metadata = load_artifact(path, kind="autoencoder")
+        return cls(folder, metadata, providers, threads)
+
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime execution provider in use."""
+        return str(self.encoder.get_providers()[0])
+
+    def encode(self, crops: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Latent codes [N, latent_dim] of binary crops [N, 64, 64, 64] (or [N, 1, 64, 64, 64])."""
+        x = _as_batch(crops)
+        out = [
+            self.encoder.run(None, {"crops": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.latent_dim), np.float32)
+
+    def decode(self, latents: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
+        """Occupancy probabilities [N, 64, 64, 64] decoded from latents [N, latent_dim]."""
+        z = np.ascontiguousarray(latents, dtype=np.float32)
+        out = [
+            self.decoder.run(None, {"latents": z[i : i + batch_size]})[0]
+            for i in range(0, len(z), batch_size)
+        ]
+        return (
+            np.concatenate(out)[:, 0] if out else np.zeros((0, CROP_SIZE, CROP_SIZE, CROP_SIZE), np.float32)
+        )
+
+    def encode_with_quality(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Latents and per-disc reconstruction IoU (low = a shape unlike the training data)."""
+        latents = self.encode(crops)
+        recon = self.decode(latents) >= 0.5
+        return latents, iou(recon, _as_batch(crops)[:, 0] >= 0.5)
+
+
+def _as_batch(crops: np.ndarray) -> np.ndarray:
+    x = np.asarray(crops)
+    if x.ndim == 4:
+        x = x[:, None]
+    if x.ndim != 5 or x.shape[1:] != (1, CROP_SIZE, CROP_SIZE, CROP_SIZE):
+        raise InvalidDataError(f"crops must be [N, 64, 64, 64] or [N, 1, 64, 64, 64], got {list(x.shape)}")
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,93 @@
+"""Disc crops, the packed-bits wire format, and artifact verification."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from discgeo.artifacts import load_artifact, write_artifact
+from discgeo.encoding import CROP_SIZE, crop_disc, disc_crops, iou, pack_crops, unpack_crops
+from discgeo.errors import ArtifactError, InvalidDataError, TooLargeError, UnsupportedFormatError
+from discgeo.geometry import measure_disc, measure_discs
+from discgeo.io import read_labels
+from discgeo.phantom import make_case
+from discgeo.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_case(21, 0, spacing=(3.3, 0.6, 0.6), full_coverage=True, n_discs=5)
+
+
+def test_crops_keep_volume_size_and_tilt(phantom):
+    result = disc_crops(phantom.labels)
+    assert result.crops.shape == (5, CROP_SIZE, CROP_SIZE, CROP_SIZE) and result.crops.dtype == np.uint8
+    assert result.levels == ["L5-S1", "L4-L5", "L3-L4", "L2-L3", "L1-L2"] and not result.too_large
+    geometry = measure_discs(phantom.labels)
+    for crop, disc in zip(result.crops, geometry.discs, strict=True):
+        # 1 mm isotropic crop: voxel count is the volume in mm3 (resampling error only)
+        assert crop.sum() == pytest.approx(disc.volume_mm3, rel=0.04)
+        # centred by the bounding box (within one source voxel: resampling moves the thin ends)
+        idx = np.argwhere(crop)
+        centre = (idx.min(axis=0) + idx.max(axis=0)) / 2
+        assert np.all(np.abs(centre - (CROP_SIZE - 1) / 2) <= np.maximum(1.0, phantom.labels.spacing))
+        # no rotation, no rescaling: the crop measures like the disc
+        m = measure_disc(crop.astype(bool), np.eye(4))
+        assert m["sagittal_angle_deg"] == pytest.approx(disc.sagittal_angle_deg, abs=1.5)
+        assert m["ap_width_mm"] == pytest.approx(disc.ap_width_mm, abs=1.0)
+        assert m["mean_height_mm"] == pytest.approx(disc.mean_height_mm, abs=0.5)
+
+
+def test_crops_are_deterministic_and_real_cases_fit(phantom, ivd_dir):
+    a, b = disc_crops(phantom.labels), disc_crops(phantom.labels)
+    assert np.array_equal(a.crops, b.crops)
+    real = disc_crops(read_labels(ivd_dir / "case-20_discs.nii.gz"))
+    assert real.crops.shape[0] == 5 and real.labels == [1, 2, 3, 4, 5]
+
+
+def test_too_large_disc_is_reported_not_cut():
+    mask = np.zeros((80, 30, 20), bool)
+    mask[5:75, 5:25, 5:15] = True  # 70 mm wide at 1 mm
+    assert crop_disc(mask, np.eye(4)) is None
+    result = disc_crops(Volume(mask.astype(np.uint8), np.eye(4)))
+    assert result.crops.shape[0] == 0
+    assert result.too_large == [{"level": "L5-S1", "label": 201, "extent_mm": [70.0, 20.0, 10.0]}]
+
+
+def test_iou():
+    a = np.zeros((2, 4, 4), bool)
+    a[0, :2] = True
+    b = a.copy()
+    b[0, 2] = True
+    assert iou(a, b).tolist() == pytest.approx([2 / 3, 1.0])
+
+
+def test_pack_unpack_roundtrip_and_errors(phantom):
+    crops = disc_crops(phantom.labels).crops
+    data = pack_crops(crops)
+    assert len(data) < 5 * 4000  # compact: a few kB per disc, not JSON lists
+    assert np.array_equal(unpack_crops(data), crops)
+    with pytest.raises(UnsupportedFormatError):
+        unpack_crops(b"not an npz")
+    with pytest.raises(TooLargeError):
+        unpack_crops(data, limit=2)
+    with pytest.raises(InvalidDataError):
+        pack_crops(np.zeros((2, 32, 32, 32)))
+
+
+def test_artifact_verification(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"weights")
+    write_artifact(tmp_path, {"kind": "autoencoder", "version": "1", "files": {"model": "model.bin"}})
+    _folder, meta = load_artifact(tmp_path, kind="autoencoder")
+    assert meta["sha256"]["model.bin"] == __import__("hashlib").sha256(b"weights").hexdigest()
+    with pytest.raises(ArtifactError, match="expected 'segmenter'"):
+        load_artifact(tmp_path, kind="segmenter")
+    (tmp_path / "model.bin").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_artifact(tmp_path, kind="autoencoder")
+    (tmp_path / "model.bin").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_artifact(tmp_path, kind="autoencoder")
+    (tmp_path / "metadata.json").write_text("{")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(tmp_path, kind="autoencoder")
