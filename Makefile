@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup run test test-fast lint typecheck format bench bench-geometry clean
+.PHONY: setup run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
 
 setup: $(STAMP)
 
@@ -46,3 +46,12 @@ clean:
 
 bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6
+
+# Model training (CPU defaults; see each script's --help). Artifacts land in models/.
+train-autoencoder: setup
+	$(PY) -m training.autoencoder data --out $(BUILD)/ae-data --phantoms 80 --seed 7
+	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
+	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
+
+train-classifier: setup
+	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024

@@ -6,8 +6,10 @@
 
 Architecture (Perrone et al. 2025): five stride-2 Conv3d (32-64-128-256-512, BatchNorm + ReLU),
 flatten, Linear to the bottleneck; the decoder mirrors it with ConvTranspose3d and ends in a sigmoid.
-BCE loss, Adam 1e-3, stop when the training IoU exceeds 0.995. Unlike the study, a held-out set
-(whole patients never seen in training) is scored every epoch.
+The study used BCE loss, Adam 1e-3 and stopped when the training IoU exceeded 0.995. Here the
+default loss is BCE + soft Dice (``--loss bce`` gives the study's): discs fill ~6 % of the cube and
+plain BCE spends its first epochs predicting background, which a CPU budget cannot afford. Unlike
+the study, a held-out set (whole patients never seen in training) is scored every epoch.
 
 Training is resumable: ``train`` reloads ``RUN/last.pt`` (model, optimiser, epoch, history) when it
 exists. Progress goes to stdout and ``RUN/log.jsonl``.
@@ -173,6 +175,7 @@ def train(
     seed: int,
     threads: int,
     max_minutes: float,
+    loss: str = "bce+dice",
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -180,7 +183,18 @@ def train(
     train_x, held_x = crops[~held], crops[held]
     encoder, decoder = DiscEncoder(bottleneck), DiscDecoder(bottleneck)
     optimiser = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
-    loss_fn = nn.BCEWithLogitsLoss()
+    bce = nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if loss == "bce":
+            return bce(logits, target)
+        # soft Dice on top of BCE: discs fill ~6 % of the cube, and plain BCE spends many epochs
+        # predicting background first (see the module docstring)
+        probs = torch.sigmoid(logits).flatten(1)
+        target_flat = target.flatten(1)
+        dice = 1 - (2 * (probs * target_flat).sum(1) + 1) / (probs.sum(1) + target_flat.sum(1) + 1)
+        return bce(logits, target) + dice.mean()
+
     run.mkdir(parents=True, exist_ok=True)
     start_epoch, history = 0, []
     if (run / "last.pt").exists():
@@ -199,11 +213,11 @@ def train(
         losses = []
         for i in range(0, len(train_x), batch):
             x = torch.from_numpy(train_x[_order(len(train_x), epoch, i, batch)][:, None].astype(np.float32))
-            loss = loss_fn(decoder(encoder(x)), x)
+            value = loss_fn(decoder(encoder(x)), x)
             optimiser.zero_grad()
-            loss.backward()
+            value.backward()
             optimiser.step()
-            losses.append(float(loss))
+            losses.append(float(value.detach()))
         train_iou = evaluate(encoder, decoder, train_x)
         held_iou = evaluate(encoder, decoder, held_x)
         record = {
@@ -226,6 +240,7 @@ def train(
             "rng": torch.get_rng_state(),
             "bottleneck": bottleneck,
             "seed": seed,
+            "loss": loss,
         }
         torch.save(state, run / "last.pt.tmp")
         (run / "last.pt.tmp").replace(run / "last.pt")
@@ -320,7 +335,7 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
             "epochs": state["epoch"] + 1,
             "stop_iou": STOP_IOU,
             "optimiser": "Adam lr 1e-3",
-            "loss": "binary cross-entropy",
+            "loss": state.get("loss", "bce"),
             "data": json.loads((data / "summary.json").read_text()) if data else None,
             "command": "python -m training.autoencoder data/train/export (see training/autoencoder.py)",
         },
@@ -353,6 +368,12 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--max-minutes", type=float, default=1e9)
+    t.add_argument(
+        "--loss",
+        choices=("bce", "bce+dice"),
+        default="bce+dice",
+        help="bce = the reference study; bce+dice converges in far fewer epochs on CPU",
+    )
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "ae-run")
     e.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
@@ -370,6 +391,7 @@ def main() -> None:
             seed=args.seed,
             threads=args.threads,
             max_minutes=args.max_minutes,
+            loss=args.loss,
         )
     else:
         export(args.run, args.out, data=args.data)

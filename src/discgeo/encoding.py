@@ -120,6 +120,8 @@ def pack_crops(crops: np.ndarray) -> bytes:
 
 def unpack_crops(data: bytes, *, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarray:
     """Inverse of :func:`pack_crops`, with validation (a clear error for anything else)."""
+    if not data.startswith(b"PK"):
+        raise UnsupportedFormatError("crops must be an .npz archive (see discgeo.encoding.pack_crops)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             packed, count = npz["packed"], int(npz["count"])

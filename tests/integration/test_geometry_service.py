@@ -15,8 +15,7 @@ import pytest
 
 from discgeo.geometry import measure_discs
 from discgeo.io import read_labels
-
-from .servers import ROOT, bentoml_service
+from discgeo.local import ROOT, bentoml_service
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Start real ``bentoml serve`` processes on loopback for tests (each with its own BENTOML_HOME)."""
+"""Run BentoML services on loopback, each with its own BENTOML_HOME (tests, benchmarks, laptops)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ROOT / "services"
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -1,0 +1,124 @@
+"""Encoder and classifier services as real ``bentoml serve`` processes, against the shipped artifacts."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import urllib.request
+
+import httpx
+import numpy as np
+import pytest
+
+from discgeo.classification import NarrowingClassifier
+from discgeo.config import Settings
+from discgeo.encoding import Encoder, disc_crops, pack_crops
+from discgeo.io import read_labels
+from discgeo.local import ROOT, bentoml_service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoder_url(tmp_path_factory):
+    with bentoml_service(
+        "service.py:Encoder", ROOT / "services" / "encoder", tmp_path_factory.mktemp("bentoml-encoder")
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def classifier_url(tmp_path_factory):
+    with bentoml_service(
+        "service.py:Classifier",
+        ROOT / "services" / "classifier",
+        tmp_path_factory.mktemp("bentoml-classifier"),
+    ) as url:
+        yield url
+
+
+def _encode(url: str, data: bytes) -> httpx.Response:
+    return httpx.post(
+        url + "/encode", files={"crops": ("crops.npz", data, "application/octet-stream")}, timeout=120
+    )
+
+
+def test_encoder_over_http_matches_in_process(encoder_url, ivd_dir):
+    crops = disc_crops(read_labels(ivd_dir / "case-20_discs.nii.gz")).crops
+    response = _encode(encoder_url, pack_crops(crops))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    local = Encoder.from_artifact(Settings.from_env().artifact("autoencoder"))
+    latents, quality = local.encode_with_quality(crops)
+    assert np.allclose(body["latents"], latents, atol=1e-4)
+    assert np.allclose(body["reconstruction_iou"], quality, atol=1e-6)
+    assert body["model_version"] == local.version and body["provider"] == "CPUExecutionProvider"
+
+
+def test_encoder_concurrent_requests_are_batched(encoder_url, ivd_dir):
+    crops = disc_crops(read_labels(ivd_dir / "case-11_discs.nii.gz")).crops
+    payloads = [pack_crops(crops[i % 5 : i % 5 + 1]) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda p: _encode(encoder_url, p), payloads))
+    assert all(r.status_code == 200 for r in responses)
+    first = [r.json()["latents"][0] for r in responses[:5]]
+    again = [r.json()["latents"][0] for r in responses[5:10]]
+    assert np.allclose(first, again, atol=1e-4)  # batching does not change results
+
+
+@pytest.mark.parametrize(("payload", "status"), [(b"junk", 415), ("many", 413), ("shape", 400)])
+def test_encoder_rejects_bad_crops(encoder_url, payload, status):
+    import io
+
+    if payload == "many":
+        payload = pack_crops(np.zeros((300, 64, 64, 64), np.uint8))
+    elif payload == "shape":
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, packed=np.zeros((2, 32, 32, 4), np.uint8), count=np.array(2))
+        payload = buffer.getvalue()
+    response = _encode(encoder_url, payload)
+    assert response.status_code == status, response.text
+
+
+def test_classifier_over_http(classifier_url):
+    local = NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier"))
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(3, len(local.features)))
+    rows[:, local.features.index("mean_height_mm")] = [4.0, 9.0, 12.0]
+    response = httpx.post(classifier_url + "/predict", json={"rows": rows.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    p, labels = local.predict(rows)
+    assert np.allclose(body["probabilities"], p) and body["labels"] == labels.tolist()
+    assert body["model_version"] == local.version and body["features"] == list(local.features)
+    by_name = [dict(zip(local.features, row, strict=True)) for row in rows.tolist()]
+    again = httpx.post(classifier_url + "/predict", json={"discs": by_name}, timeout=30).json()
+    assert np.allclose(again["probabilities"], p)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"discs": [{"latent_0": 1.0}]}, "missing feature"),
+        ({"rows": [[1.0, 2.0]]}, "expected features"),
+        ({"rows": [[float("nan")] * 10]}, "NaN"),
+        ({}, "exactly one of"),
+    ],
+)
+def test_classifier_rejects_bad_features(classifier_url, body, message):
+    import json
+
+    response = httpx.post(
+        classifier_url + "/predict",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert message in response.text
+
+
+def test_model_services_export_discgeo_metrics(encoder_url, classifier_url):
+    for url, stage in ((encoder_url, "encoder"), (classifier_url, "classifier")):
+        with urllib.request.urlopen(url + "/metrics") as response:
+            text = response.read().decode()
+        assert f'discgeo_requests_total{{outcome="ok",stage="{stage}"}}' in text
