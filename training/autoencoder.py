@@ -260,24 +260,21 @@ def _order(n: int, epoch: int, start: int, batch: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ export
-def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
-    """Export encoder and decoder (ONNX), check parity with torch, write metadata.json."""
+def export_onnx(
+    encoder: DiscEncoder, decoder: DiscDecoder, out: Path, sample: np.ndarray | None = None
+) -> dict[str, float]:
+    """Export encoder and decoder+sigmoid (dynamo exporter, dynamic batch); return the max absolute
+    differences between ONNX Runtime and torch on ``sample`` crops (a box phantom when None)."""
     import onnxruntime as ort
 
-    from discgeo.artifacts import write_artifact
-
-    state = torch.load(run / "last.pt", weights_only=False)
-    bottleneck = state["bottleneck"]
-    encoder, decoder = DiscEncoder(bottleneck), DiscDecoder(bottleneck)
-    encoder.load_state_dict(state["encoder"])
-    decoder.load_state_dict(state["decoder"])
     encoder.eval()
     decoder.eval()
     probabilities = Probabilities(decoder).eval()
     out.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(2, 1, CROP_SIZE, CROP_SIZE, CROP_SIZE)
     x[:, :, 24:40, 10:54, 28:36] = 1
-    z = encoder(x).detach()
+    with torch.no_grad():
+        z = encoder(x)
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(
         encoder,
@@ -299,19 +296,28 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
         dynamo=True,
         external_data=False,
     )
-    parity = {}
+    probe = x if sample is None else torch.from_numpy(sample[:, None].astype(np.float32))
     with torch.no_grad():
-        sample = x if data is None else torch.from_numpy(load_data(data)[0][:8, None].astype(np.float32))
-        z_torch = encoder(sample).numpy()
+        z_torch = encoder(probe).numpy()
         p_torch = probabilities(torch.from_numpy(z_torch)).numpy()
     enc = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    z_onnx = enc.run(None, {"crops": sample.numpy()})[0]
-    p_onnx = dec.run(None, {"latents": z_torch})[0]
-    parity = {
-        "encoder_max_abs_diff": float(np.abs(z_onnx - z_torch).max()),
-        "decoder_max_abs_diff": float(np.abs(p_onnx - p_torch).max()),
+    return {
+        "encoder_max_abs_diff": float(np.abs(enc.run(None, {"crops": probe.numpy()})[0] - z_torch).max()),
+        "decoder_max_abs_diff": float(np.abs(dec.run(None, {"latents": z_torch})[0] - p_torch).max()),
     }
+
+
+def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
+    """Export the last checkpoint, check parity with torch, write metadata.json."""
+    from discgeo.artifacts import write_artifact
+
+    state = torch.load(run / "last.pt", weights_only=False)
+    bottleneck = state["bottleneck"]
+    encoder, decoder = DiscEncoder(bottleneck), DiscDecoder(bottleneck)
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    parity = export_onnx(encoder, decoder, out, None if data is None else load_data(data)[0][:8])
     print(json.dumps(parity))
     history = state["history"]
     metadata = {

@@ -152,6 +152,41 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from discgeo.config import Settings
+    from discgeo.io import read_volume, write_nifti
+    from discgeo.segmentation import Segmenter
+
+    settings = Settings.from_env()
+    segmenter = Segmenter.from_artifact(
+        args.model or settings.artifact("segmenter"), providers=settings.onnx_providers or None
+    )
+    volume = read_volume(args.input, settings=settings)
+    labels = segmenter.predict(volume)
+    write_nifti(labels, args.out)
+    found = sorted(int(v) for v in set(labels.array.ravel().tolist()) if v)
+    print(f"segmenter {segmenter.version} on {segmenter.provider}: {len(found)} disc(s) -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from discgeo.io import read_labels
+    from discgeo.segmentation import dice_per_level
+
+    rows = dice_per_level(read_labels(args.pred), read_labels(args.truth))
+    print(f"{'level':>8}  {'Dice':>6}  {'IoU':>6}")
+    for row in rows:
+        print(f"{row['level']:>8}  {row['dice']:6.3f}  {row['iou']:6.3f}")
+    if rows:
+        print(
+            f"{'mean':>8}  {sum(r['dice'] for r in rows) / len(rows):6.3f}  "
+            f"{sum(r['iou'] for r in rows) / len(rows):6.3f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from discgeo import __version__
@@ -164,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="DICOM folder, zip or file; NIfTI; MHA/MHD")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_info)
+
+    segment = sub.add_parser("segment", help="segment and label the discs of a study (ONNX Runtime)")
+    segment.add_argument("input", help="DICOM folder or zip, NIfTI or MHA")
+    segment.add_argument("--out", required=True, help="output label map (.nii.gz)")
+    segment.add_argument("--model", help="segmenter artifact folder (default: models/segmenter)")
+    segment.set_defaults(func=_cmd_segment)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="Dice and IoU per disc level of a prediction against a reference"
+    )
+    evaluate.add_argument("pred", help="predicted label map")
+    evaluate.add_argument("truth", help="reference label map")
+    evaluate.add_argument("--json", help="also write the rows as JSON")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     measure = sub.add_parser("measure", help="measure every disc of a label map in mm and degrees")
     measure.add_argument("labels", help="label map: NIfTI, MHA/MHD or DICOM SEG")

@@ -94,7 +94,9 @@ _R, _A, _S = np.eye(3)
 
 # ------------------------------------------------------------------------------------ find discs
 @dataclass(frozen=True)
-class _Disc:
+class DiscMask:
+    """One disc found in a label map: its label, level, and a boolean crop with the crop's affine."""
+
     label: int
     level: str
     mask: np.ndarray  # boolean crop around the disc
@@ -113,7 +115,7 @@ def _centroid_z(mask: np.ndarray, affine: np.ndarray) -> float:
 
 def find_discs(
     labels: np.ndarray, affine: np.ndarray, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3
-) -> tuple[list[_Disc], list[DroppedFragment], str]:
+) -> tuple[list[DiscMask], list[DroppedFragment], str]:
     """Identify discs and their levels in an integer label array.
 
     Returns the discs bottom to top (each as a cropped mask), the dropped fragments and the
@@ -157,21 +159,23 @@ def find_discs(
             f"({len(dropped)} fragment(s) dropped)"
         )
     if convention == "spider":
-        discs = [_Disc(v, levels.level_of_disc_label(v), m, a) for v, m, a in found]
+        discs = [DiscMask(v, levels.level_of_disc_label(v), m, a) for v, m, a in found]
         _check_vertebrae(labels, affine, discs, boxes)
         return discs, dropped, convention
     found.sort(key=lambda item: _centroid_z(item[1], item[2]))
     discs = [
-        _Disc(value if convention == "multilabel" else levels.disc_label(i), levels.level_name(i), mask, crop)
+        DiscMask(
+            value if convention == "multilabel" else levels.disc_label(i), levels.level_name(i), mask, crop
+        )
         for i, (value, mask, crop) in enumerate(found)
     ]
     return discs, dropped, convention
 
 
 def _check_vertebrae(
-    labels: np.ndarray, affine: np.ndarray, discs: list[_Disc], boxes: list[tuple[slice, ...] | None]
+    labels: np.ndarray, affine: np.ndarray, discs: list[DiscMask], boxes: list[tuple[slice, ...] | None]
 ) -> None:
-    """With SPIDER vertebra labels present, disc 200+n must lie below vertebra n (levels follow them)."""
+    """With SPIDER vertebra labels present, check that disc 200+n lies below vertebra n."""
     for disc in discs:
         n = disc.label - levels.DISC_LABEL_BASE
         for value in (n, n + levels.PARTIAL_VERTEBRA_OFFSET):
