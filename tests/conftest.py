@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
+from onnx import TensorProto, helper
+
+from discgeo.artifacts import write_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -27,3 +31,43 @@ def ivd_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def spider_dir(shared_data: Path) -> Path:
     return shared_data / "spider-format"
+
+
+def threshold_model(path, roi=(64, 64)) -> None:
+    """ONNX graph: logits = [10 * (0.5 - x), 10 * (x - 0.5)] -> disc wherever the input exceeds 0.5."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, *roi])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, *roi])
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    ten = helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])
+    minus_ten = helper.make_tensor("minus_ten", TensorProto.FLOAT, [], [-10.0])
+    nodes = [
+        helper.make_node("Sub", ["image", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "ten"], ["disc"]),
+        helper.make_node("Mul", ["centred", "minus_ten"], ["background"]),
+        helper.make_node("Concat", ["background", "disc"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "threshold", [x], [y], initializer=[half, ten, minus_ten])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every ONNX Runtime release in use
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="session")
+def threshold_segmenter_artifact(tmp_path_factory) -> Path:
+    """A segmenter artifact whose 'model' marks every voxel brighter than the middle of the intensity
+    range as disc: the whole inference path can then be checked against exact answers."""
+    folder = tmp_path_factory.mktemp("threshold-segmenter")
+    threshold_model(folder / "model.onnx")
+    write_artifact(
+        folder,
+        {
+            "kind": "segmenter",
+            "version": "threshold-test",
+            "dims": 2,
+            "spacing_mm": [None, 1.0, 1.0],
+            "roi": [64, 64],
+            "classes": 2,
+            "files": {"model": "model.onnx"},
+        },
+    )
+    return folder

@@ -4,11 +4,8 @@ model whose output is known exactly, and the CLI evaluation."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
-from discgeo.artifacts import write_artifact
 from discgeo.cli import main
 from discgeo.io import write_nifti
 from discgeo.phantom import make_case
@@ -16,42 +13,9 @@ from discgeo.segmentation import Segmenter, dice_per_level, resize, sliding_wind
 from discgeo.volume import Volume
 
 
-def _threshold_model(path, roi=(64, 64)) -> None:
-    """ONNX graph: logits = [10 * (0.5 - x), 10 * (x - 0.5)] -> disc wherever the input exceeds 0.5."""
-    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, *roi])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, *roi])
-    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
-    ten = helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])
-    minus_ten = helper.make_tensor("minus_ten", TensorProto.FLOAT, [], [-10.0])
-    nodes = [
-        helper.make_node("Sub", ["image", "half"], ["centred"]),
-        helper.make_node("Mul", ["centred", "ten"], ["disc"]),
-        helper.make_node("Mul", ["centred", "minus_ten"], ["background"]),
-        helper.make_node("Concat", ["background", "disc"], ["logits"], axis=1),
-    ]
-    graph = helper.make_graph(nodes, "threshold", [x], [y], initializer=[half, ten, minus_ten])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every ONNX Runtime release in use
-    onnx.save(model, path)
-
-
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory) -> Segmenter:
-    folder = tmp_path_factory.mktemp("segmenter")
-    _threshold_model(folder / "model.onnx")
-    write_artifact(
-        folder,
-        {
-            "kind": "segmenter",
-            "version": "threshold-test",
-            "dims": 2,
-            "spacing_mm": [None, 1.0, 1.0],
-            "roi": [64, 64],
-            "classes": 2,
-            "files": {"model": "model.onnx"},
-        },
-    )
-    return Segmenter.from_artifact(folder)
+def segmenter(threshold_segmenter_artifact) -> Segmenter:
+    return Segmenter.from_artifact(threshold_segmenter_artifact)
 
 
 def test_sliding_window_blends_to_the_exact_answer():

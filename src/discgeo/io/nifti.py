@@ -93,6 +93,14 @@ def nifti_from_bytes(
         )
 
 
+def nifti_to_bytes(volume: Volume) -> bytes:
+    """A volume as gzip-compressed NIfTI bytes (for HTTP bodies)."""
+    image = nib.Nifti1Image(volume.array, volume.affine)
+    image.set_qform(volume.affine, code=1)
+    image.set_sform(volume.affine, code=1)
+    return gzip.compress(image.to_bytes(), compresslevel=6)
+
+
 def write_nifti(volume: Volume, path: str | Path) -> Path:
     """Write ``volume`` (any orientation) as NIfTI with its affine in both sform and qform."""
     path = Path(path)
