@@ -13,11 +13,11 @@ from __future__ import annotations
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
-from typing_extensions import Annotated
 
 from discgeo import __version__
 from discgeo.config import Settings
