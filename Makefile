@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
+.PHONY: setup system-deps run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ run: setup
 	$(VENV)/bin/discgeo phantom $(BUILD)/sample --cases 1 --seed 42 --format dicom --contrast t1 --quiet
 	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
 
+# Debian tools the integration tests use (installed when running as root, e.g. in CI).
+SYSTEM_PACKAGES := dicom3tools
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+	else echo "not root: install $(SYSTEM_PACKAGES) yourself for the full test suite"; fi
+
 lint: setup
 	$(VENV)/bin/ruff check src tests services docs bench training
 	$(VENV)/bin/ruff format --check src tests services docs bench training
@@ -35,7 +43,7 @@ format: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-test: setup lint typecheck
+test: setup system-deps lint typecheck
 	$(PY) -m pytest -q --durations=15
 
 test-fast: setup

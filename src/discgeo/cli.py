@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from discgeo.errors import DiscgeoError
-from discgeo.schemas import GeometryResult
+from discgeo.schemas import GeometryResult, StudyResult
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -187,6 +187,76 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_inputs(path: Path) -> list[Path]:
+    """One study (a DICOM folder or zip, a NIfTI/MHA file) or a folder whose entries are studies."""
+    from discgeo.io import NIFTI_SUFFIXES
+
+    if not path.is_dir():
+        return [path]
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    top_files = [p for p in entries if p.is_file()]
+    studies = [p for p in entries if p.is_dir() or p.name.lower().endswith((*NIFTI_SUFFIXES, ".zip", ".mha"))]
+    if top_files and len(studies) < len(entries):  # DICOM files at the top level: the folder is one study
+        return [path]
+    return studies or [path]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from discgeo.errors import hashed_uid
+    from discgeo.io import NIFTI_SUFFIXES, read_volume
+    from discgeo.io.dicom import read_dicom_study
+    from discgeo.io.outputs import write_outputs
+    from discgeo.pipeline import LocalStages, analyse_study
+
+    stages = LocalStages()
+    inputs = _study_inputs(Path(args.input))
+    out_root = Path(args.out)
+    failures = 0
+    for study in tqdm(inputs, desc="studies", unit="study", disable=len(inputs) == 1 or args.quiet):
+        out = out_root if len(inputs) == 1 else out_root / study.name.split(".")[0]
+        try:
+            if study.is_file() and study.name.lower().endswith((*NIFTI_SUFFIXES, ".mha", ".mhd")):
+                volume, sources = read_volume(study), None
+            else:
+                volume, sources = read_dicom_study(study)
+            result, labels = analyse_study(volume, stages, study=hashed_uid(str(study.resolve())))
+            write_outputs(out, result, volume, labels, sources)
+        except DiscgeoError as exc:
+            failures += 1
+            print(f"discgeo: error: {study.name}: {exc.message}", file=sys.stderr)
+            continue
+        if len(inputs) == 1:
+            print(format_result_table(result))
+            print(f"results in {out}")
+    return 2 if failures == len(inputs) else 0
+
+
+def format_result_table(result: StudyResult) -> str:
+    """Per-disc table of the pipeline result, top disc first."""
+    rows = [["level", "mean h mm", "AP mm", "wedge", "latents", "recon IoU", "p(narrow)", "flags"]]
+    for disc in reversed(result.discs):
+        rows.append(
+            [
+                disc.level,
+                f"{disc.geometry.mean_height_mm:.2f}",
+                f"{disc.geometry.ap_width_mm:.1f}",
+                f"{disc.geometry.wedge_angle_deg:.1f}",
+                " ".join(f"{v:+.2f}" for v in disc.latents) if disc.latents else "-",
+                f"{disc.reconstruction_iou:.3f}" if disc.reconstruction_iou is not None else "-",
+                f"{disc.narrowing_probability:.2f}" + (" *" if disc.narrowing else "")
+                if disc.narrowing_probability is not None
+                else "-",
+                ",".join(disc.flags) or "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    table = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items())
+    return f"{table}\n(* = narrowing predicted)  timings: {timing}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     from discgeo import __version__
@@ -199,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="DICOM folder, zip or file; NIfTI; MHA/MHD")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=_cmd_info)
+
+    run = sub.add_parser("run", help="the whole pipeline in this process: segment, measure, encode, classify")
+    run.add_argument("input", help="DICOM folder or zip, NIfTI/MHA file, or a folder of such studies")
+    run.add_argument("--out", required=True, help="output folder (one subfolder per study for a batch)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_cmd_run)
 
     segment = sub.add_parser("segment", help="segment and label the discs of a study (ONNX Runtime)")
     segment.add_argument("input", help="DICOM folder or zip, NIfTI or MHA")

@@ -76,3 +76,28 @@ class NarrowingPrediction(_Model):
     threshold: float
     features: list[str]
     model_version: str
+
+
+class DiscResult(_Model):
+    """Everything the pipeline says about one disc."""
+
+    level: str
+    label: int
+    geometry: DiscGeometry
+    latents: list[float] | None = Field(default=None, description="latent shape code (None if not encoded)")
+    reconstruction_iou: float | None = Field(default=None, description="autoencoder reconstruction IoU")
+    narrowing_probability: float | None = None
+    narrowing: bool | None = None
+    flags: list[str] = Field(default_factory=list, description="quality flags, e.g. unusual_shape")
+
+
+class StudyResult(_Model):
+    """The pipeline's answer for one study."""
+
+    schema_version: str = SCHEMA_VERSION
+    study: str = Field(description="hashed study or input identifier (no patient identifiers)")
+    input: dict[str, str | float | int | list[float] | list[int]] = Field(default_factory=dict)
+    model_versions: dict[str, str]
+    discs: list[DiscResult]
+    flags: list[str] = Field(default_factory=list)
+    timings_s: dict[str, float]

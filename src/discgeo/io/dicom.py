@@ -508,6 +508,24 @@ def _pixels(series: SeriesInfo, frames: list[_Frame]) -> np.ndarray:
     return out
 
 
+def series_headers(series: SeriesInfo) -> list[Dataset]:
+    """The headers (no pixel data) of every file of a series, e.g. as sources of a DICOM SEG or SR."""
+    seen: dict[int, Dataset] = {}
+    for frame in series.frames:
+        if id(frame.file) not in seen:
+            seen[id(frame.file)] = frame.file.open(headers_only=True)
+    return list(seen.values())
+
+
+def read_dicom_study(source: Source, *, settings: Settings | None = None) -> tuple[Volume, list[Dataset]]:
+    """The chosen series as a volume plus the headers of its files."""
+    settings = settings or Settings.from_env()
+    series, reason = select_series(scan(source), settings)
+    volume = build_volume(series, settings)
+    volume.meta["selection_reason"] = reason
+    return volume, series_headers(series)
+
+
 def read_dicom(source: Source, *, settings: Settings | None = None, series_uid: str | None = None) -> Volume:
     """Read the chosen (or the named) series of a DICOM folder, zip or file list as a canonical volume."""
     settings = settings or Settings.from_env()

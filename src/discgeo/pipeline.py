@@ -1,0 +1,327 @@
+"""The pipeline: segment -> measure -> encode -> classify, in-process or over HTTP.
+
+``Stages`` is the contract; :class:`LocalStages` runs the library in this process (``discgeo run``),
+:class:`RemoteStages` calls the four BentoML services with explicit timeouts and retries (exponential
+backoff on connection errors and 5xx answers, none on 4xx). :func:`analyse_study` turns a volume into
+a :class:`~discgeo.schemas.StudyResult` plus the label map, with per-stage timings and quality flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from discgeo.errors import DiscgeoError, InvalidDataError
+from discgeo.schemas import DiscResult, GeometryResult, NarrowingPrediction, StudyResult
+from discgeo.volume import Volume
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LOW_RECONSTRUCTION_IOU = 0.75
+FEW_DISCS = 4
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Latents and reconstruction quality of a batch of crops."""
+
+    latents: np.ndarray
+    reconstruction_iou: np.ndarray
+
+
+class Stages(Protocol):
+    """What the pipeline needs from each stage, wherever it runs."""
+
+    def segment(self, volume: Volume) -> Volume: ...
+
+    def measure(self, labels: Volume) -> GeometryResult: ...
+
+    def encode(self, crops: np.ndarray) -> Encoded: ...
+
+    def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+class LocalStages:
+    """All stages in this process, from artifact folders (defaults: settings' model folders)."""
+
+    def __init__(self, *, segmenter: Any = None, encoder: Any = None, classifier: Any = None) -> None:
+        from discgeo.classification import NarrowingClassifier
+        from discgeo.config import Settings
+        from discgeo.encoding import Encoder
+        from discgeo.segmentation import Segmenter
+
+        settings = Settings.from_env()
+        providers = settings.onnx_providers or None
+        self.segmenter = segmenter or Segmenter.from_artifact(
+            settings.artifact("segmenter"), providers=providers
+        )
+        self.encoder = encoder or Encoder.from_artifact(settings.artifact("autoencoder"), providers=providers)
+        self.classifier = classifier or NarrowingClassifier.from_artifact(settings.artifact("classifier"))
+
+    def segment(self, volume: Volume) -> Volume:
+        return self.segmenter.predict(volume)
+
+    def measure(self, labels: Volume) -> GeometryResult:
+        from discgeo.geometry import measure_discs
+
+        return measure_discs(labels)
+
+    def encode(self, crops: np.ndarray) -> Encoded:
+        latents, quality = self.encoder.encode_with_quality(crops)
+        return Encoded(latents, quality)
+
+    def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction:
+        p, labels = self.classifier.predict(list(rows))
+        return NarrowingPrediction(
+            probabilities=p.tolist(),
+            labels=labels.tolist(),
+            threshold=self.classifier.threshold,
+            features=list(self.classifier.features),
+            model_version=self.classifier.version,
+        )
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "segmenter": self.segmenter.version,
+            "encoder": self.encoder.version,
+            "classifier": self.classifier.version,
+        }
+
+
+class RemoteStageError(DiscgeoError):
+    """A stage service answered with an error (4xx: the input; 5xx after retries: the service)."""
+
+    code = "stage_error"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.http_status = status if 400 <= status < 500 else 502
+
+
+@dataclass(frozen=True)
+class ServiceURLs:
+    """Base URLs of the four services."""
+
+    segmenter: str
+    encoder: str
+    geometry: str
+    classifier: str
+
+
+class RemoteStages:
+    """The stages as HTTP calls to the BentoML services.
+
+    Timeouts are per stage (segmentation is slow on CPU); connection errors, timeouts and 5xx answers
+    are retried ``retries`` times with exponential backoff; 4xx answers are raised at once.
+    """
+
+    def __init__(
+        self,
+        urls: ServiceURLs,
+        *,
+        timeouts_s: dict[str, float] | None = None,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        import httpx
+
+        self.urls = urls
+        self.timeouts = {
+            "segmenter": 600.0,
+            "encoder": 120.0,
+            "geometry": 60.0,
+            "classifier": 30.0,
+            **(timeouts_s or {}),
+        }
+        self.retries = retries
+        self.backoff = backoff_s
+        self.client = httpx.Client()
+        self._versions: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self.client.close()
+
+    def _call(self, stage: str, send: Callable[[float], Any]) -> Any:
+        import httpx
+
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                response = send(self.timeouts[stage])
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                if attempt == self.retries:
+                    raise RemoteStageError(
+                        f"{stage} service unreachable after {attempt + 1} tries: {type(exc).__name__}", 503
+                    ) from None
+            else:
+                if response.status_code < 400:
+                    return response
+                message = _error_text(response)
+                if response.status_code < 500 or attempt == self.retries:
+                    raise RemoteStageError(f"{stage} service: {message}", response.status_code)
+            log.warning("%s call failed (try %d), retrying in %.1f s", stage, attempt + 1, delay)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def segment(self, volume: Volume) -> Volume:
+        from discgeo.io.nifti import nifti_from_bytes, nifti_to_bytes
+
+        payload = nifti_to_bytes(volume)
+        response = self._call(
+            "segmenter",
+            lambda t: self.client.post(
+                self.urls.segmenter + "/segment",
+                files={"volume": ("volume.nii.gz", payload, "application/gzip")},
+                timeout=t,
+            ),
+        )
+        self._versions["segmenter"] = response.headers.get("x-discgeo-model-version", "unknown")
+        return nifti_from_bytes(response.content, labels=True, name="segmenter response")
+
+    def measure(self, labels: Volume) -> GeometryResult:
+        from discgeo.io.nifti import nifti_to_bytes
+
+        payload = nifti_to_bytes(labels)
+        response = self._call(
+            "geometry",
+            lambda t: self.client.post(
+                self.urls.geometry + "/measure",
+                files={"labels": ("labels.nii.gz", payload, "application/gzip")},
+                timeout=t,
+            ),
+        )
+        return GeometryResult.model_validate(response.json())
+
+    def encode(self, crops: np.ndarray) -> Encoded:
+        from discgeo.encoding import pack_crops
+
+        payload = pack_crops(crops)
+        response = self._call(
+            "encoder",
+            lambda t: self.client.post(
+                self.urls.encoder + "/encode",
+                files={"crops": ("crops.npz", payload, "application/octet-stream")},
+                timeout=t,
+            ),
+        )
+        body = response.json()
+        self._versions["encoder"] = body["model_version"]
+        latents = np.asarray(body["latents"], dtype=np.float32).reshape(len(crops), -1)
+        return Encoded(latents, np.asarray(body["reconstruction_iou"], dtype=np.float64))
+
+    def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction:
+        response = self._call(
+            "classifier",
+            lambda t: self.client.post(
+                self.urls.classifier + "/predict", json={"discs": list(rows)}, timeout=t
+            ),
+        )
+        prediction = NarrowingPrediction.model_validate(response.json())
+        self._versions["classifier"] = prediction.model_version
+        return prediction
+
+    def versions(self) -> dict[str, str]:
+        return dict(self._versions)
+
+
+def _error_text(response: Any) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return str(response.text)[:300]
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        body = body[0]
+    return str(body.get("error", body)) if isinstance(body, dict) else str(body)
+
+
+def _timed(timings: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        timings[stage] = round(time.perf_counter() - start, 4)
+
+
+def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tuple[StudyResult, Volume]:
+    """Run every stage on one volume; returns the result and the disc label map (volume's grid)."""
+    from discgeo.encoding import disc_crops
+    from discgeo.geometry import REFERENCE_FEATURES
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    labels = _timed(timings, "segment", lambda: stages.segment(volume))
+    flags: list[str] = []
+    if not np.any(labels.array):
+        raise InvalidDataError("no intervertebral disc was found in this volume")
+    geometry = _timed(timings, "measure", lambda: stages.measure(labels))
+    crops = disc_crops(labels)
+    encoded = _timed(timings, "encode", lambda: stages.encode(crops.crops))
+    latent_by_level = {
+        level: (z, q)
+        for level, z, q in zip(crops.levels, encoded.latents, encoded.reconstruction_iou, strict=True)
+    }
+    rows, classified = [], []
+    for disc in geometry.discs:
+        if disc.level in latent_by_level:
+            z, _ = latent_by_level[disc.level]
+            row = {f"latent_{i}": float(v) for i, v in enumerate(z)}
+            row.update({name: float(getattr(disc, name)) for name in REFERENCE_FEATURES})
+            rows.append(row)
+            classified.append(disc.level)
+    prediction = _timed(timings, "classify", lambda: stages.classify(rows)) if rows else None
+    by_level = (
+        dict(zip(classified, zip(prediction.probabilities, prediction.labels, strict=True), strict=True))
+        if prediction
+        else {}
+    )
+    too_large = {item["level"] for item in crops.too_large}
+    discs = []
+    for disc in geometry.discs:
+        disc_flags = []
+        z_q = latent_by_level.get(disc.level)
+        if disc.level in too_large:
+            disc_flags.append("too_large_for_encoder")
+        if z_q is not None and z_q[1] < LOW_RECONSTRUCTION_IOU:
+            disc_flags.append("unusual_shape")
+        p_l = by_level.get(disc.level)
+        discs.append(
+            DiscResult(
+                level=disc.level,
+                label=disc.label,
+                geometry=disc,
+                latents=[float(v) for v in z_q[0]] if z_q is not None else None,
+                reconstruction_iou=float(z_q[1]) if z_q is not None else None,
+                narrowing_probability=float(p_l[0]) if p_l else None,
+                narrowing=bool(p_l[1]) if p_l else None,
+                flags=disc_flags,
+            )
+        )
+    if len(discs) < FEW_DISCS:
+        flags.append("few_discs")
+    if geometry.dropped_fragments or labels.meta.get("dropped_fragments"):
+        flags.append("fragments_dropped")
+    timings["total"] = round(time.perf_counter() - start, 4)
+    result = StudyResult(
+        study=study,
+        input={
+            "shape": list(volume.shape),
+            "spacing_mm": [round(s, 4) for s in volume.spacing],
+            "orientation": "".join(volume.source_axcodes),
+            "contrast": str(volume.meta.get("contrast", "unknown")),
+        },
+        model_versions=stages.versions(),
+        discs=discs,
+        flags=flags,
+        timings_s=timings,
+    )
+    return result, labels

@@ -1,0 +1,87 @@
+"""RemoteStages over the four real BentoML services give the same StudyResult as LocalStages."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+
+from discgeo.classification import NarrowingClassifier
+from discgeo.config import Settings
+from discgeo.encoding import Encoder
+from discgeo.local import ROOT, bentoml_service
+from discgeo.phantom import make_case
+from discgeo.pipeline import LocalStages, RemoteStageError, RemoteStages, ServiceURLs, analyse_study
+from discgeo.segmentation import Segmenter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, threshold_segmenter_artifact):
+    env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
+    with ExitStack() as stack:
+        started = {
+            name: stack.enter_context(
+                bentoml_service(
+                    f"service.py:{cls}",
+                    ROOT / "services" / name,
+                    tmp_path_factory.mktemp(f"home-{name}"),
+                    env=env,
+                )
+            )
+            for name, cls in (
+                ("segmenter", "Segmenter"),
+                ("encoder", "Encoder"),
+                ("geometry", "Geometry"),
+                ("classifier", "Classifier"),
+            )
+        }
+        yield ServiceURLs(**started)
+
+
+def _study():
+    case = make_case(17, 3, spacing=(3.3, 0.8, 0.8), full_coverage=True)
+    return case.labels.with_array((case.labels.array > 200).astype(np.float32) * 800.0 + 80.0)
+
+
+def test_remote_equals_local(urls, threshold_segmenter_artifact):
+    settings = Settings.from_env()
+    local = LocalStages(
+        segmenter=Segmenter.from_artifact(threshold_segmenter_artifact),
+        encoder=Encoder.from_artifact(settings.artifact("autoencoder")),
+        classifier=NarrowingClassifier.from_artifact(settings.artifact("classifier")),
+    )
+    remote = RemoteStages(urls)
+    volume = _study()
+    expected, labels_local = analyse_study(volume, local, study="s")
+    got, labels_remote = analyse_study(volume, remote, study="s")
+    remote.close()
+    assert np.array_equal(labels_local.array, labels_remote.array)
+    assert got.model_versions == expected.model_versions
+    assert [d.level for d in got.discs] == [d.level for d in expected.discs]
+    for a, b in zip(got.discs, expected.discs, strict=True):
+        assert a.geometry == b.geometry
+        assert np.allclose(a.latents, b.latents, atol=1e-4)
+        assert a.narrowing_probability == pytest.approx(b.narrowing_probability, abs=1e-6)
+        assert a.narrowing == b.narrowing and a.flags == b.flags
+
+
+def test_no_retry_on_4xx_and_retries_on_unreachable(urls):
+    remote = RemoteStages(urls, retries=2, backoff_s=0.05)
+    with pytest.raises(RemoteStageError, match="classifier service: missing feature") as info:
+        remote.classify([{"latent_0": 1.0}])
+    assert info.value.http_status == 400
+    dead = RemoteStages(
+        ServiceURLs(
+            segmenter="http://127.0.0.1:9",
+            encoder=urls.encoder,
+            geometry=urls.geometry,
+            classifier=urls.classifier,
+        ),
+        retries=2,
+        backoff_s=0.05,
+    )
+    with pytest.raises(RemoteStageError, match="segmenter service unreachable after 3 tries"):
+        dead.segment(_study())
