@@ -25,7 +25,7 @@ run: setup
 	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
-SYSTEM_PACKAGES := dicom3tools
+SYSTEM_PACKAGES := dicom3tools dcmtk
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -51,6 +51,8 @@ def bentoml_service(
     try:
         deadline = time.monotonic() + timeout
         while True:
+            if b"Initializing service error" in (home / "serve.log").read_bytes():
+                raise RuntimeError(f"{target} failed to start:\n{(home / 'serve.log').read_text()[-3000:]}")
             if process.poll() is not None:
                 raise RuntimeError(
                     f"{target} exited with {process.returncode}:\n{(home / 'serve.log').read_text()}"

@@ -122,9 +122,10 @@ def split_touching(mask: np.ndarray, *, voxel_mm3: float, min_fragment_mm3: floa
     """Connected discs: drop small fragments, split components that hold two discs.
 
     A component over 1.5 times the median of the others is eroded until it falls into 2-4 substantial
-    cores (two discs joined by a bridge), and every voxel goes to the nearest core. Returns a label
-    array (1..n, unordered) and the number of dropped fragments. Work is done in each component's
-    bounding box.
+    cores (two discs joined by a bridge), and every voxel goes to the nearest core; the split is kept
+    only if every piece is at least half the median disc (a large wedged disc erodes into uneven
+    parts). Returns a label array (1..n, unordered) and the number of dropped fragments. Work is done
+    in each component's bounding box.
     """
     labelled, count = ndimage.label(mask)
     if count == 0:
@@ -139,7 +140,12 @@ def split_touching(mask: np.ndarray, *, voxel_mm3: float, min_fragment_mm3: floa
         assert box is not None
         component = labelled[box] == k
         others = [sizes[j - 1] for j in keep if j != k]
-        pieces = _split(component) if others and sizes[k - 1] > 1.5 * float(np.median(others)) else None
+        reference = float(np.median(others)) if others else 0.0
+        pieces = _split(component) if others and sizes[k - 1] > 1.5 * reference else None
+        if pieces is not None:  # every piece must be disc-sized, or this was one big (e.g. wedged) disc
+            piece_sizes = np.bincount(pieces.ravel())[1:] * voxel_mm3
+            if piece_sizes.min() < 0.5 * reference:
+                pieces = None
         if pieces is None:
             out[box][component] = next_label
             next_label += 1
