@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
+.PHONY: setup system-deps up down run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
 
 setup: $(STAMP)
 
@@ -25,12 +25,19 @@ run: setup
 	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
-SYSTEM_PACKAGES := dicom3tools dcmtk
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	else echo "not root: install $(SYSTEM_PACKAGES) yourself for the full test suite"; fi
+
+# The five services and Orthanc (as the PACS) on loopback; see README "Running the stack".
+up: setup
+	$(PY) -m discgeo.local up
+
+down:
+	@test -x $(PY) && $(PY) -m discgeo.local down || true
 
 lint: setup
 	$(VENV)/bin/ruff check src tests services docs bench training

@@ -1,19 +1,34 @@
-"""Run BentoML services on loopback, each with its own BENTOML_HOME (tests, benchmarks, laptops)."""
+"""Run the services on loopback: each BentoML service with its own BENTOML_HOME, and Orthanc as the PACS.
+
+Used by the tests and benchmarks (context managers) and by ``make up`` / ``make down``::
+
+    python -m discgeo.local up     # five services + Orthanc in the background, state in build/up/
+    python -m discgeo.local down
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "services"
+STAGES = {"segmenter": "Segmenter", "encoder": "Encoder", "geometry": "Geometry", "classifier": "Classifier"}
+UP_DIR = ROOT / "build" / "up"
+UP_PORTS = {"segmenter": 3001, "encoder": 3002, "geometry": 3003, "classifier": 3004, "gateway": 3005}
 
 
 def free_port() -> int:
@@ -23,57 +38,266 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _spawn(command: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as handle:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, *, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_bytes() if log.exists() else b""
+        if b"Initializing service error" in text or process.poll() is not None:
+            raise RuntimeError(f"{what} failed to start:\n{text.decode(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{what} not ready after {timeout} s:\n{text.decode(errors='replace')[-3000:]}"
+            )
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _serve_command(target: str, port: int) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "bentoml"),
+        "serve",
+        target,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 @contextmanager
 def bentoml_service(
-    target: str, workdir: Path, home: Path, *, env: dict[str, str] | None = None, timeout: float = 90.0
+    target: str,
+    workdir: Path,
+    home: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 90.0,
+    port: int | None = None,
 ) -> Iterator[str]:
     """Run ``bentoml serve target`` from ``workdir``; yield its base URL once /readyz answers 200."""
-    port = free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(home / "serve.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "bentoml"),
-            "serve",
-            target,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=workdir,
-        env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    process = _spawn(
+        _serve_command(target, port),
+        cwd=workdir,
+        log=home / "serve.log",
+        env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+    )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if b"Initializing service error" in (home / "serve.log").read_bytes():
-                raise RuntimeError(f"{target} failed to start:\n{(home / 'serve.log').read_text()[-3000:]}")
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{target} exited with {process.returncode}:\n{(home / 'serve.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{target} not ready after {timeout} s:\n{(home / 'serve.log').read_text()}"
-                )
-            time.sleep(0.5)
+        _wait_ready(process, url + "/readyz", home / "serve.log", what=target, timeout=timeout)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 15)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-        log.close()
+        _stop(process)
+
+
+def orthanc_config(folder: Path, *, http_port: int, dicom_port: int, gateway_port: int) -> Path:
+    """deploy/orthanc/orthanc.json with this run's ports and folders."""
+    config = json.loads((ROOT / "deploy" / "orthanc" / "orthanc.json").read_text())
+    config.update(
+        {
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "StableAge": 2,
+            "LuaScripts": [str(ROOT / "deploy" / "orthanc" / "route-to-discgeo.lua")],
+            "DicomModalities": {"discgeo": ["DISCGEO", "127.0.0.1", gateway_port]},
+        }
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "orthanc.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+@contextmanager
+def orthanc(
+    folder: Path, *, gateway_port: int, http_port: int | None = None, dicom_port: int | None = None
+) -> Iterator[tuple[str, int]]:
+    """Run Orthanc (Debian package) routing stable MR studies to the gateway; yield (REST URL, DICOM port)."""
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        raise RuntimeError("Orthanc is not installed (Debian package orthanc; `make system-deps`)")
+    http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
+    config = orthanc_config(folder, http_port=http_port, dicom_port=dicom_port, gateway_port=gateway_port)
+    process = _spawn([binary, str(config)], cwd=folder, env={}, log=folder / "orthanc.log")
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait_ready(process, url + "/system", folder / "orthanc.log", what="Orthanc", timeout=60)
+        yield url, dicom_port
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def pipeline_services(
+    root: Path,
+    *,
+    env: dict[str, str] | None = None,
+    gateway: dict[str, str] | None = None,
+    ports: dict[str, int] | None = None,
+) -> Iterator[dict[str, str]]:
+    """The four stage services, and the gateway when ``gateway`` (its DISCGEO_GATEWAY_* settings) is given."""
+    ports = ports or {}
+    with ExitStack() as stack:
+        urls = {
+            name: stack.enter_context(
+                bentoml_service(
+                    f"service.py:{cls}", SERVICES / name, root / name, env=env, port=ports.get(name)
+                )
+            )
+            for name, cls in STAGES.items()
+        }
+        if gateway is not None:
+            gateway_env = {
+                **(env or {}),
+                **gateway,
+                **{f"DISCGEO_{n.upper()}_URL": u for n, u in urls.items()},
+            }
+            urls["gateway"] = stack.enter_context(
+                bentoml_service(
+                    "service.py:Gateway",
+                    SERVICES / "gateway",
+                    root / "gateway",
+                    env=gateway_env,
+                    port=ports.get("gateway"),
+                )
+            )
+        yield urls
+
+
+# ------------------------------------------------------------------------------------ make up/down
+def up() -> dict[str, Any]:
+    """Start the five services and Orthanc in the background; the state goes to build/up/state.json."""
+    if (UP_DIR / "state.json").exists():
+        raise SystemExit("already up (build/up/state.json exists); run `make down` first")
+    env = {"BENTOML_DO_NOT_TRACK": "true"}
+    processes: dict[str, int] = {}
+    urls: dict[str, str] = {}
+    try:
+        for name, cls in STAGES.items():
+            port = UP_PORTS[name]
+            home = UP_DIR / name
+            process = _spawn(
+                _serve_command(f"service.py:{cls}", port),
+                cwd=SERVICES / name,
+                log=home / "serve.log",
+                env={**env, "BENTOML_HOME": str(home)},
+            )
+            processes[name], urls[name] = process.pid, f"http://127.0.0.1:{port}"
+            _wait_ready(process, urls[name] + "/readyz", home / "serve.log", what=name, timeout=120)
+        gateway_env = {
+            **env,
+            "BENTOML_HOME": str(UP_DIR / "gateway"),
+            "DISCGEO_GATEWAY_DATA": str(UP_DIR / "data"),
+            "DISCGEO_GATEWAY_DICOM_PORT": "11112",
+            "DISCGEO_GATEWAY_FORWARD": "dicom://ORTHANC@127.0.0.1:4242",
+            **{f"DISCGEO_{n.upper()}_URL": u for n, u in urls.items()},
+        }
+        process = _spawn(
+            _serve_command("service.py:Gateway", UP_PORTS["gateway"]),
+            cwd=SERVICES / "gateway",
+            log=UP_DIR / "gateway" / "serve.log",
+            env=gateway_env,
+        )
+        processes["gateway"], urls["gateway"] = process.pid, f"http://127.0.0.1:{UP_PORTS['gateway']}"
+        _wait_ready(
+            process,
+            urls["gateway"] + "/readyz",
+            UP_DIR / "gateway" / "serve.log",
+            what="gateway",
+            timeout=120,
+        )
+        if shutil.which("Orthanc"):
+            folder = UP_DIR / "orthanc"
+            config = orthanc_config(folder, http_port=8042, dicom_port=4242, gateway_port=11112)
+            process = _spawn(
+                [shutil.which("Orthanc") or "Orthanc", str(config)],
+                cwd=folder,
+                env={},
+                log=folder / "orthanc.log",
+            )
+            processes["orthanc"], urls["orthanc"] = process.pid, "http://127.0.0.1:8042"
+            _wait_ready(
+                process, urls["orthanc"] + "/system", folder / "orthanc.log", what="Orthanc", timeout=60
+            )
+    except BaseException:
+        for pid in processes.values():
+            _kill_group(pid)
+        raise
+    state = {
+        "pids": processes,
+        "urls": urls,
+        "gateway_dicom": "DISCGEO@127.0.0.1:11112",
+        "orthanc_dicom": "ORTHANC@127.0.0.1:4242" if "orthanc" in urls else None,
+    }
+    (UP_DIR / "state.json").write_text(json.dumps(state, indent=1))
+    return state
+
+
+def down() -> list[str]:
+    """Stop whatever ``up`` started."""
+    path = UP_DIR / "state.json"
+    if not path.exists():
+        return []
+    state = json.loads(path.read_text())
+    for pid in state["pids"].values():
+        _kill_group(pid)
+    path.unlink()
+    return list(state["pids"])
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="start or stop the local discgeo stack")
+    parser.add_argument("action", choices=("up", "down"))
+    args = parser.parse_args()
+    if args.action == "up":
+        state = up()
+        for name, url in state["urls"].items():
+            print(f"{name:11s} {url}")
+        print(f"gateway DICOM  {state['gateway_dicom']} (C-STORE)")
+        if state["orthanc_dicom"]:
+            print(
+                f"Orthanc DICOM  {state['orthanc_dicom']}: stable MR studies are routed to the gateway, "
+                "results come back"
+            )
+        print("stop with: make down")
+    else:
+        stopped = down()
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+if __name__ == "__main__":
+    main()

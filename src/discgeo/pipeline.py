@@ -186,7 +186,12 @@ class RemoteStages:
             ),
         )
         self._versions["segmenter"] = response.headers.get("x-discgeo-model-version", "unknown")
-        return nifti_from_bytes(response.content, labels=True, name="segmenter response")
+        labels = nifti_from_bytes(response.content, labels=True, name="segmenter response")
+        canonical = volume.canonical()
+        if labels.shape != canonical.shape or not np.allclose(labels.affine, canonical.affine, atol=1e-3):
+            raise RemoteStageError("segmenter service answered on a different voxel grid", 502)
+        # NIfTI stores the affine in float32: keep the input's exact geometry
+        return canonical.with_array(labels.array)
 
     def measure(self, labels: Volume) -> GeometryResult:
         from discgeo.io.nifti import nifti_to_bytes

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from contextlib import ExitStack
 
 import httpx
 import numpy as np
@@ -13,7 +12,7 @@ import pydicom
 import pytest
 
 from discgeo.io.dicom import SeriesTags, write_dicom_series
-from discgeo.local import ROOT, bentoml_service, free_port
+from discgeo.local import free_port, pipeline_services
 from discgeo.phantom import make_case
 
 pytestmark = pytest.mark.slow
@@ -21,43 +20,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, threshold_segmenter_artifact):
-    env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
     dicom_port = free_port()
-    with ExitStack() as stack:
-        urls = {
-            name: stack.enter_context(
-                bentoml_service(
-                    f"service.py:{cls}",
-                    ROOT / "services" / name,
-                    tmp_path_factory.mktemp(f"home-{name}"),
-                    env=env,
-                )
-            )
-            for name, cls in (
-                ("segmenter", "Segmenter"),
-                ("encoder", "Encoder"),
-                ("geometry", "Geometry"),
-                ("classifier", "Classifier"),
-            )
-        }
-        gateway_env = {f"DISCGEO_{name.upper()}_URL": url for name, url in urls.items()}
-        gateway_env.update(
-            {
-                "DISCGEO_GATEWAY_DATA": str(tmp_path_factory.mktemp("gateway-data")),
-                "DISCGEO_GATEWAY_DICOM_PORT": str(dicom_port),
-                "DISCGEO_GATEWAY_IDLE_S": "1",
-                "DISCGEO_GATEWAY_ALLOWED_AES": "STORESCU,DISCGEO-TEST",
-            }
-        )
-        url = stack.enter_context(
-            bentoml_service(
-                "service.py:Gateway",
-                ROOT / "services" / "gateway",
-                tmp_path_factory.mktemp("home-gateway"),
-                env=gateway_env,
-            )
-        )
-        yield url, dicom_port
+    settings = {
+        "DISCGEO_GATEWAY_DATA": str(tmp_path_factory.mktemp("gateway-data")),
+        "DISCGEO_GATEWAY_DICOM_PORT": str(dicom_port),
+        "DISCGEO_GATEWAY_IDLE_S": "1",
+        "DISCGEO_GATEWAY_ALLOWED_AES": "STORESCU,DISCGEO-TEST",
+    }
+    env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
+    with pipeline_services(tmp_path_factory.mktemp("services"), env=env, gateway=settings) as urls:
+        yield urls["gateway"], dicom_port
 
 
 def _study(tmp_path, seed: int, name: str):
