@@ -43,7 +43,8 @@ class EncoderModel:
             settings.artifact("autoencoder"), providers=settings.onnx_providers or None
         )
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=64, max_latency_ms=500)
+    # max_latency_ms bounds wait + compute; the dispatcher answers 503 beyond it, so leave room for CPU
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=64, max_latency_ms=60_000)
     def encode(self, crops: np.ndarray) -> np.ndarray:
         """[N, 64, 64, 64] uint8 -> [N, latent_dim + 1]: latents and reconstruction IoU."""
         latents, quality = self.model.encode_with_quality(crops)

@@ -59,7 +59,22 @@ def test_encoder_concurrent_requests_are_batched(encoder_url, ivd_dir):
     payloads = [pack_crops(crops[i % 5 : i % 5 + 1]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda p: _encode(encoder_url, p), payloads))
-    assert all(r.status_code == 200 for r in responses)
+    assert [r.status_code for r in responses] == [200] * 16, [
+        r.text[:300] for r in responses if r.status_code != 200
+    ]
+    with urllib.request.urlopen(encoder_url + "/metrics") as metrics:
+        text = metrics.read().decode()
+    sums = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_sum")
+    ]
+    counts = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("bentoml_service_adaptive_batch_size_count")
+    ]
+    assert sum(counts) >= 1 and sum(sums) / sum(counts) > 1.0  # requests were merged into batches
     first = [r.json()["latents"][0] for r in responses[:5]]
     again = [r.json()["latents"][0] for r in responses[5:10]]
     assert np.allclose(first, again, atol=1e-4)  # batching does not change results
