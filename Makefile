@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-classifier clean
+.PHONY: setup system-deps up down run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,geometry,services,models]'
 	@touch $@
 
-# The main job on a built-in sample: a synthetic lumbar study written as DICOM and read back.
+# The main job on a built-in sample: a synthetic lumbar study written as DICOM, then the whole
+# pipeline on it (segment, measure, encode, classify) with JSON, SEG, SR and an overview PNG.
 run: setup
-	rm -rf $(BUILD)/sample
+	rm -rf $(BUILD)/sample $(BUILD)/sample-results
 	$(VENV)/bin/discgeo phantom $(BUILD)/sample --cases 1 --seed 42 --format dicom --contrast t1 --quiet
 	$(VENV)/bin/discgeo info $(BUILD)/sample/case-0000/dicom
+	$(VENV)/bin/discgeo run $(BUILD)/sample/case-0000/dicom --out $(BUILD)/sample-results
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
 SYSTEM_PACKAGES := dicom3tools dcmtk orthanc
@@ -67,6 +69,11 @@ train-autoencoder: setup
 	$(PY) -m training.autoencoder data --out $(BUILD)/ae-data --phantoms 80 --seed 7
 	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
+
+train-segmenter: setup
+	$(PY) -m training.segmenter data --out $(BUILD)/seg-data --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
+	$(PY) -m training.segmenter train --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu)
+	$(PY) -m training.segmenter export --run $(BUILD)/seg-run --out models/segmenter
 
 train-classifier: setup
 	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024
