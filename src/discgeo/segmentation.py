@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from discgeo import levels
-from discgeo.encoding import open_session
+from discgeo.runtime import open_session
 from discgeo.volume import Volume
 
 log = logging.getLogger(__name__)

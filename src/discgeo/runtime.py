@@ -1,0 +1,43 @@
+"""ONNX Runtime sessions: choose the execution provider and report the one actually used."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def select_providers(preferred: Sequence[str] | None = None) -> list[str]:
+    """ONNX Runtime providers to ask for.
+
+    Default: CUDA first when this build offers it and an NVIDIA device node exists, then CPU. The
+    provider actually used must still be read from ``session.get_providers()``: without CUDA
+    libraries ONNX Runtime falls back to CPU.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if preferred:
+        wanted = list(preferred)
+    elif Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists():
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        wanted = ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session; the providers actually used are in ``session.get_providers()``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=select_providers(providers))
+    requested = select_providers(providers)
+    if requested[0] != session.get_providers()[0]:
+        log.warning("asked for %s, ONNX Runtime uses %s", requested[0], session.get_providers()[0])
+    return session
