@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,geometry,services,models]'
+	$(PY) -m pip install -q -e '.[dev,services,training]'
 	@touch $@
 
 # The main job on a built-in sample: a synthetic lumbar study written as DICOM, then the whole
@@ -27,11 +27,11 @@ run: setup
 	$(VENV)/bin/discgeo run $(BUILD)/sample/case-0000/dicom --out $(BUILD)/sample-results
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
-SYSTEM_PACKAGES := dicom3tools dcmtk orthanc
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc prometheus
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
+		if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
 	else echo "not root: install $(SYSTEM_PACKAGES) yourself for the full test suite"; fi
 
 # The five services and Orthanc (as the PACS) on loopback; see README "Running the stack".
@@ -41,13 +41,27 @@ up: setup
 down:
 	@test -x $(PY) && $(PY) -m discgeo.local down || true
 
+# Render every kustomize overlay and validate it (schemas, CRDs, policies); also part of the test suite.
+k8s-validate: setup
+	$(PY) deploy/k8s/validate.py
+
+# Container images per service (CPU and GPU variants) where a container engine runs.
+IMAGE_SERVICES := segmenter:Segmenter encoder:Encoder geometry:Geometry classifier:Classifier gateway:Gateway
+images:
+	@if docker info >/dev/null 2>&1; then \
+		for item in $(IMAGE_SERVICES); do name=$${item%%:*}; cls=$${item##*:}; extras=$$( [ $$name = geometry ] && echo geometry || echo services ); \
+		docker build -f deploy/docker/Dockerfile --build-arg SERVICE=$$name --build-arg CLASS=$$cls --build-arg EXTRAS=$$extras -t discgeo/$$name:0.1.0-cpu . || exit 1; \
+		docker build -f deploy/docker/Dockerfile --build-arg SERVICE=$$name --build-arg CLASS=$$cls --build-arg EXTRAS=$$extras --build-arg BASE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 -t discgeo/$$name:0.1.0-gpu . || exit 1; \
+		done; \
+	else echo "no container engine here (docker info fails): no image built; definition: deploy/docker/Dockerfile"; fi
+
 lint: setup
-	$(VENV)/bin/ruff check src tests services docs bench training
-	$(VENV)/bin/ruff format --check src tests services docs bench training
+	$(VENV)/bin/ruff check src tests services docs bench training deploy
+	$(VENV)/bin/ruff format --check src tests services docs bench training deploy
 
 format: setup
-	$(VENV)/bin/ruff format src tests services docs bench training
-	$(VENV)/bin/ruff check --fix src tests services docs bench training
+	$(VENV)/bin/ruff format src tests services docs bench training deploy
+	$(VENV)/bin/ruff check --fix src tests services docs bench training deploy
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -156,6 +156,47 @@ def orthanc(
         _stop(process)
 
 
+def prometheus_config(folder: Path, targets: list[str], *, interval_s: float = 5.0) -> Path:
+    """deploy/prometheus/prometheus.yml with these scrape targets (host:port) and interval."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = f"{interval_s:g}s"
+    config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _prometheus_command(config: Path, folder: Path, port: int) -> list[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("Prometheus is not installed (Debian package prometheus; `make system-deps`)")
+    return [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+
+
+@contextmanager
+def prometheus(folder: Path, targets: list[str], *, interval_s: float = 1.0) -> Iterator[str]:
+    """Run Prometheus (Debian package) scraping ``targets``; yield its URL once ready."""
+    port = free_port()
+    config = prometheus_config(folder, targets, interval_s=interval_s)
+    process = _spawn(
+        _prometheus_command(config, folder, port), cwd=folder, env={}, log=folder / "prometheus.log"
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(process, url + "/-/ready", folder / "prometheus.log", what="Prometheus", timeout=60)
+        yield url
+    finally:
+        _stop(process)
+
+
 @contextmanager
 def pipeline_services(
     root: Path,

@@ -1,0 +1,58 @@
+"""A real Prometheus scrapes the locally started services while a study goes through the gateway; its
+HTTP API then reports the discgeo counters."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from discgeo.io.dicom import SeriesTags, write_dicom_series
+from discgeo.local import free_port, pipeline_services, prometheus
+from discgeo.phantom import make_case
+
+pytestmark = pytest.mark.slow
+
+
+def _query(url: str, expr: str) -> float:
+    body = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", body
+    return sum(float(item["value"][1]) for item in body["data"]["result"])
+
+
+def test_prometheus_sees_discgeo_metrics(tmp_path_factory, threshold_segmenter_artifact):
+    root = tmp_path_factory.mktemp("stack")
+    dicom_port = free_port()
+    settings = {
+        "DISCGEO_GATEWAY_DATA": str(root / "gateway-data"),
+        "DISCGEO_GATEWAY_DICOM_PORT": str(dicom_port),
+        "DISCGEO_GATEWAY_IDLE_S": "1",
+    }
+    env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
+    case = make_case(45, 0, spacing=(3.5, 0.9, 0.9), full_coverage=True)
+    image = case.labels.with_array((case.labels.array > 200).astype(np.float32) * 900.0 + 100.0)
+    files = write_dicom_series(image, root / "study", tags=SeriesTags(uid_seed="prometheus-test"))
+    with pipeline_services(root / "services", env=env, gateway=settings) as urls:
+        targets = [u.removeprefix("http://") for u in urls.values()]
+        with prometheus(root / "prometheus", targets) as prom:
+            subprocess.run(
+                ["storescu", "-aec", "DISCGEO", "127.0.0.1", str(dicom_port), *map(str, files)],
+                check=True,
+                capture_output=True,
+            )
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and _query(prom, "discgeo_studies_processed_total") < 1:
+                time.sleep(1)
+            assert _query(prom, "discgeo_studies_processed_total") == 1
+            assert _query(prom, 'discgeo_gateway_jobs_total{outcome="done"}') == 1
+            discs = len(case.truth["discs"])
+            for stage in ("segmenter", "geometry", "encoder", "classifier"):
+                assert _query(prom, f'discgeo_requests_total{{stage="{stage}",outcome="ok"}}') >= 1, stage
+                assert _query(prom, f'discgeo_stage_seconds_count{{stage="{stage}"}}') >= 1, stage
+            assert _query(prom, 'discgeo_discs_processed_total{stage="geometry"}') == discs
+            assert _query(prom, "discgeo_gateway_queue_depth") == 0
+            assert _query(prom, "bentoml_service_request_total") > 0
+            assert _query(prom, 'up{job="discgeo"}') == len(targets)
