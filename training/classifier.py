@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from discgeo.analysis import analyze, load_features
+from discgeo.analysis import load_features, report
 from discgeo.classification import NarrowingClassifier, feature_sets, make_model
 from discgeo.config import Settings
 from discgeo.encoding import Encoder
@@ -36,8 +36,8 @@ def main() -> None:
     if not args.cohort.exists():
         generate_cohort(args.cohort, cases=args.cases, seed=args.seed, fmt="nifti", progress=True)
     encoder = Encoder.from_artifact(Settings.from_env().artifact("autoencoder"))
-    summary = analyze(args.cohort, args.report, encoder, progress=True)
-    table, _ = load_features(args.cohort, encoder)
+    table, kind = load_features(args.cohort, encoder, progress=True)
+    summary = report(table, args.report, encoder, cohort=f"phantom cohort, seed {args.seed}", kind=kind)
     names = feature_sets(encoder.latent_dim)["combined"]
     model = make_model("boosting", seed=0).fit(table.matrix(names), table.y)
     cv = next(r for r in summary["results"] if r["model"] == "boosting" and r["feature_set"] == "combined")

@@ -377,12 +377,29 @@ def analyze(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run every analysis on a cohort and write report.md, features.csv, results.json and figures."""
-    out.mkdir(parents=True, exist_ok=True)
     table, kind = load_features(cohort, encoder, progress=progress)
+    return report(
+        table, out, encoder, cohort=str(cohort), kind=kind, folds=folds, bootstrap=bootstrap, seed=seed
+    )
+
+
+def report(
+    table: FeatureTable,
+    out: Path,
+    encoder: Encoder,
+    *,
+    cohort: str,
+    kind: str,
+    folds: int = 5,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The analyses of an already measured cohort (see :func:`analyze`)."""
+    out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "features.csv")
     latent_dim = encoder.latent_dim
     summary: dict[str, Any] = {
-        "cohort": str(cohort),
+        "cohort": cohort,
         "kind": kind,
         "discs": len(table),
         "patients": len(set(table.patients)),
