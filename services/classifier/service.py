@@ -13,7 +13,7 @@ from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
 from discgeo.errors import InvalidDataError
 from discgeo.schemas import NarrowingPrediction, NarrowingRequest
-from discgeo.serving import DISCS, stage_request
+from discgeo.serving import DISCS, record_model, stage_request
 
 STAGE = "classifier"
 
@@ -27,6 +27,7 @@ STAGE = "classifier"
 class Classifier:
     def __init__(self) -> None:
         self.model = NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier"))
+        record_model(STAGE, self.model.version)
 
     @bentoml.api(route="/predict", input_spec=NarrowingRequest)
     def predict(self, **request: object) -> NarrowingPrediction:

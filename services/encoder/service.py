@@ -18,7 +18,7 @@ from discgeo import __version__
 from discgeo.config import Settings
 from discgeo.encoding import Encoder as OnnxEncoder
 from discgeo.encoding import unpack_crops
-from discgeo.serving import DISCS, INPUT_BYTES, stage_request
+from discgeo.serving import DISCS, INPUT_BYTES, record_model, stage_request
 
 STAGE = "encoder"
 
@@ -42,6 +42,7 @@ class EncoderModel:
         self.model = OnnxEncoder.from_artifact(
             settings.artifact("autoencoder"), providers=settings.onnx_providers or None
         )
+        record_model(STAGE, self.model.version, self.model.provider)
 
     # max_latency_ms bounds wait + compute; the dispatcher answers 503 beyond it, so leave room for CPU
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=64, max_latency_ms=60_000)

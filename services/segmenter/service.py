@@ -24,7 +24,7 @@ from discgeo.config import Settings
 from discgeo.io import read_dicom
 from discgeo.io.nifti import nifti_from_bytes, nifti_to_bytes
 from discgeo.segmentation import Segmenter as OnnxSegmenter
-from discgeo.serving import DISCS, INPUT_BYTES, stage_request
+from discgeo.serving import DISCS, INPUT_BYTES, record_model, stage_request
 
 STAGE = "segmenter"
 
@@ -41,6 +41,7 @@ class Segmenter:
         self.model = OnnxSegmenter.from_artifact(
             self.settings.artifact("segmenter"), providers=self.settings.onnx_providers or None
         )
+        record_model(STAGE, self.model.version, self.model.provider)
 
     @bentoml.api(route="/segment")
     def segment(self, volume: Path, ctx: bentoml.Context) -> Annotated[Path, ContentType("application/gzip")]:

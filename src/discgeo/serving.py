@@ -48,6 +48,17 @@ INPUT_BYTES = bentoml.metrics.Histogram(
     buckets=(1e3, 1e4, 1e5, 1e6, 1e7, 1e8),
 )
 
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="discgeo_model_info",
+    documentation="Loaded model artifact (value 1): stage, version and ONNX Runtime provider",
+    labelnames=["stage", "version", "provider"],
+)
+
+
+def record_model(stage: str, version: str, provider: str = "none") -> None:
+    """Publish which model a stage serves (``discgeo_model_info``)."""
+    MODEL_INFO.labels(stage=stage, version=version, provider=provider).set(1)
+
 
 @contextmanager
 def stage_request(stage: str) -> Iterator[None]:

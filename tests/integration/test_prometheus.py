@@ -56,3 +56,6 @@ def test_prometheus_sees_discgeo_metrics(tmp_path_factory, threshold_segmenter_a
             assert _query(prom, "discgeo_gateway_queue_depth") == 0
             assert _query(prom, "bentoml_service_request_total") > 0
             assert _query(prom, 'up{job="discgeo"}') == len(targets)
+            assert _query(prom, 'discgeo_model_info{stage="segmenter",version="threshold-test"}') == 1
+            assert _query(prom, 'discgeo_model_info{stage="encoder"}') >= 1
+            assert _query(prom, 'discgeo_model_info{stage="classifier"}') >= 1
