@@ -14,14 +14,14 @@ from discgeo.schemas import GeometryResult, StudyResult
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from discgeo.config import Settings
-    from discgeo.io import read_volume
+    from discgeo.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
     from discgeo.io.dicom import build_volume, scan, select_series
 
     path = Path(args.path)
     settings = Settings.from_env()
     report: dict = {"input": str(path)}
     name = path.name.lower()
-    if path.is_file() and (name.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"))):
+    if path.is_file() and name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
         volume = read_volume(path, settings=settings)
         report["format"] = volume.meta.get("format")
     else:
@@ -189,13 +189,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _study_inputs(path: Path) -> list[Path]:
     """One study (a DICOM folder or zip, a NIfTI/MHA file) or a folder whose entries are studies."""
-    from discgeo.io import NIFTI_SUFFIXES
+    from discgeo.io import ITK_SUFFIXES, NIFTI_SUFFIXES
 
     if not path.is_dir():
         return [path]
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     top_files = [p for p in entries if p.is_file()]
-    studies = [p for p in entries if p.is_dir() or p.name.lower().endswith((*NIFTI_SUFFIXES, ".zip", ".mha"))]
+    studies = [
+        p for p in entries if p.is_dir() or p.name.lower().endswith((*NIFTI_SUFFIXES, *ITK_SUFFIXES, ".zip"))
+    ]
     if top_files and len(studies) < len(entries):  # DICOM files at the top level: the folder is one study
         return [path]
     return studies or [path]
@@ -205,7 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from discgeo.errors import hashed_uid
-    from discgeo.io import NIFTI_SUFFIXES, read_volume
+    from discgeo.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
     from discgeo.io.dicom import read_dicom_study
     from discgeo.io.outputs import write_outputs
     from discgeo.pipeline import LocalStages, analyse_study
@@ -217,7 +219,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for study in tqdm(inputs, desc="studies", unit="study", disable=len(inputs) == 1 or args.quiet):
         out = out_root if len(inputs) == 1 else out_root / study.name.split(".")[0]
         try:
-            if study.is_file() and study.name.lower().endswith((*NIFTI_SUFFIXES, ".mha", ".mhd")):
+            if study.is_file() and study.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
                 volume, sources = read_volume(study), None
             else:
                 volume, sources = read_dicom_study(study)
