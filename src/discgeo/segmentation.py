@@ -9,9 +9,9 @@
 3. sliding-window inference with the model's fixed ROI, 25 % overlap and Gaussian weighting of the
    window centres, batched;
 4. disc probability resampled back to the original grid, thresholded at 0.5;
-5. post-processing: connected components under ``min_fragment_mm3`` dropped, components much larger
-   than the median disc split at their narrowest part (touching discs), levels assigned from the
-   bottom (SPIDER labels 201+).
+5. post-processing: connected components under ``min_fragment_mm3`` or under 20 % of the median
+   component dropped, components much larger than the median disc split at their narrowest part
+   (touching discs), levels assigned from the bottom (SPIDER labels 201+).
 
 The artifact's metadata states ``dims`` (2 or 3), ``spacing_mm``, ``roi``, ``classes`` and the
 ONNX input/output names.
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_FRAGMENT_MM3 = 200.0
 MAX_DISCS = 12  # a sagittal lumbar view holds 5-8 discs; more components are segmentation noise
+RELATIVE_FRAGMENT = 0.2  # components under this fraction of the median component are dropped
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -239,8 +240,10 @@ class Segmenter:
         parts, dropped = split_touching(mask, voxel_mm3=voxel_mm3, min_fragment_mm3=min_fragment_mm3)
         sizes = np.bincount(parts.ravel())
         present = np.flatnonzero(sizes[1:]) + 1
+        if len(present):  # a disc is never a small fraction of the typical disc: such pieces are noise
+            present = present[sizes[present] >= RELATIVE_FRAGMENT * np.median(sizes[present])]
         largest = present[np.argsort(sizes[present])[::-1][:MAX_DISCS]]
-        dropped += len(present) - len(largest)
+        dropped += int(np.count_nonzero(sizes[1:])) - len(largest)
         parts = np.where(np.isin(parts, largest), parts, 0)
         order = _bottom_up(parts, canonical.affine)
         labels = np.zeros(canonical.shape, np.uint8)
