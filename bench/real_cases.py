@@ -61,7 +61,7 @@ def main() -> None:
                         **{f"{k}_s": v for k, v in result.timings_s.items()},
                         "discs_found": len(result.discs),
                         "mean_dice": round(float(np.mean([d["dice"] for d in dice])), 4),
-                    "binary_dice": round(_binary_dice(labels.array > 0, truth.array > 0), 4),
+                        "binary_dice": round(_binary_dice(labels.array > 0, truth.array > 0), 4),
                         "dice_by_level": {d["level"]: round(d["dice"], 4) for d in dice},
                         "levels": [d.level for d in result.discs],
                         "mean_height_mm": [round(d.geometry.mean_height_mm, 2) for d in result.discs],

@@ -11,7 +11,8 @@
 4. disc probability resampled back to the original grid, thresholded at 0.5;
 5. post-processing: connected components under ``min_fragment_mm3`` or under 20 % of the median
    component dropped, components much larger than the median disc split at their narrowest part
-   (touching discs), levels assigned from the bottom (SPIDER labels 201+).
+   (touching discs), pieces at the same height merged (one disc segmented in parts), levels assigned
+   from the bottom (SPIDER labels 201+).
 
 The artifact's metadata states ``dims`` (2 or 3), ``spacing_mm``, ``roi``, ``classes`` and the
 ONNX input/output names.
@@ -244,7 +245,7 @@ class Segmenter:
             present = present[sizes[present] >= RELATIVE_FRAGMENT * np.median(sizes[present])]
         largest = present[np.argsort(sizes[present])[::-1][:MAX_DISCS]]
         dropped += int(np.count_nonzero(sizes[1:])) - len(largest)
-        parts = np.where(np.isin(parts, largest), parts, 0)
+        parts = merge_same_level(np.where(np.isin(parts, largest), parts, 0), canonical.affine)
         order = _bottom_up(parts, canonical.affine)
         labels = np.zeros(canonical.shape, np.uint8)
         for index, part in enumerate(order):
@@ -252,6 +253,46 @@ class Segmenter:
         if dropped:
             log.info("dropped %d fragment(s) under %g mm3", dropped, min_fragment_mm3)
         return canonical.with_array(labels, segmenter=self.version, dropped_fragments=dropped)
+
+
+def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 0.5) -> np.ndarray:
+    """Merge components that sit at the same height: discs are stacked along the spine, so two pieces
+    whose superior-inferior extents overlap by more than ``overlap`` of the thinner one are one disc."""
+    values = [int(v) for v in np.unique(parts) if v]
+    boxes = ndimage.find_objects(parts)
+    extent = {}
+    for v in values:
+        box = boxes[v - 1]
+        assert box is not None
+        corners = np.array(
+            [
+                [b.start if pick else b.stop - 1 for b, pick in zip(box, bits, strict=True)]
+                for bits in np.ndindex(2, 2, 2)
+            ],
+            dtype=float,
+        )
+        z = corners @ affine[2, :3] + affine[2, 3]
+        extent[v] = (float(z.min()), float(z.max()))
+    target = {v: v for v in values}
+
+    def root(v: int) -> int:
+        while target[v] != v:
+            v = target[v]
+        return v
+
+    for i, a in enumerate(values):
+        for b in values[i + 1 :]:
+            (a0, a1), (b0, b1) = extent[a], extent[b]
+            shared = min(a1, b1) - max(a0, b0)
+            thinner = max(min(a1 - a0, b1 - b0), 1e-6)
+            if shared > overlap * thinner:
+                target[root(b)] = root(a)
+    if all(root(v) == v for v in values):
+        return parts
+    lookup = np.zeros(int(parts.max()) + 1, dtype=parts.dtype)
+    for v in values:
+        lookup[v] = root(v)
+    return lookup[parts]
 
 
 def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:

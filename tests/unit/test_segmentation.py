@@ -87,3 +87,15 @@ def test_segment_and_evaluate_cli(segmenter, tmp_path, capsys):
     assert "L5-S1" in out and "mean" in out
     mean_dice = float(out.strip().splitlines()[-1].split()[1])
     assert mean_dice > 0.95
+
+
+def test_pieces_at_the_same_height_are_one_disc():
+    from discgeo.segmentation import merge_same_level
+
+    parts = np.zeros((40, 40, 60), np.int32)
+    parts[5:18, 5:35, 10:18] = 1  # left half of a disc
+    parts[22:35, 5:35, 11:19] = 2  # right half, same height
+    parts[5:35, 5:35, 40:48] = 3  # the next disc up
+    merged = merge_same_level(parts, np.eye(4))
+    assert len(np.unique(merged)) == 3  # background + two discs
+    assert merged[10, 10, 12] == merged[30, 10, 15] != merged[10, 10, 44]
