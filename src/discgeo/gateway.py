@@ -376,6 +376,16 @@ def start_scp(gateway: Gateway) -> Any:
     return ae.start_server(("0.0.0.0", gateway.config.dicom_port), block=False, evt_handlers=handlers)
 
 
+def stow_body(files: Sequence[Path], boundary: str = "discgeo-boundary") -> tuple[bytes, str]:
+    """A STOW-RS request body (multipart/related of application/dicom parts) and its Content-Type."""
+    parts = [
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
+        for f in files
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
 def forward(target: str, files: list[Path], *, calling_ae: str) -> None:
     """Send files to a PACS: ``dicom://AET@host:port`` (C-STORE) or a DICOMweb base URL (STOW-RS)."""
     datasets = [pydicom.dcmread(f) for f in files]
@@ -402,22 +412,12 @@ def forward(target: str, files: list[Path], *, calling_ae: str) -> None:
         return
     import httpx
 
-    boundary = "discgeo-boundary"
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
-            for f in files
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
+    body, content_type = stow_body(files)
     response = httpx.post(
         target.rstrip("/") + "/studies",
         content=body,
         timeout=60,
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
     )
     if response.status_code >= 300:
         raise InputError(f"DICOMweb PACS answered {response.status_code}: {response.text[:200]}")

@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from discgeo.gateway import stow_body
 from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import free_port, pipeline_services
 from discgeo.phantom import make_case
@@ -99,19 +100,12 @@ def test_unknown_calling_ae_is_rejected(gateway, tmp_path):
 def test_stow_rs_study_is_processed(gateway, tmp_path):
     url, _ = gateway
     _, files = _study(tmp_path, 42, "stow")
-    boundary = "discgeo-test"
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + f.read_bytes() + b"\r\n"
-            for f in files
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
+    body, content_type = stow_body(files, boundary="discgeo-test")
     response = httpx.post(
         f"{url}/gateway/dicomweb/studies",
         content=body,
         timeout=60,
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        headers={"Content-Type": content_type},
     )
     assert response.status_code == 200, response.text
     assert len(response.json()["00081199"]["Value"]) == len(files)
