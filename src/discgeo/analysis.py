@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from discgeo.classification import feature_sets, make_model
-from discgeo.encoding import Encoder, disc_crops
+from discgeo.encoding import CROP_SIZE, Encoder, disc_crops
 from discgeo.errors import InputError, NotFoundError
 from discgeo.geometry import REFERENCE_FEATURES, measure_discs
 from discgeo.io import read_labels
@@ -333,7 +333,7 @@ def plot_traversals(encoder: Encoder, latents: np.ndarray, path: Path, steps: in
 
     grid = traversal_latents(latents, steps)
     dim = grid.shape[0]
-    decoded = encoder.decode(grid.reshape(-1, dim)).reshape(dim, steps, *encoder_shape())
+    decoded = encoder.decode(grid.reshape(-1, dim)).reshape(dim, steps, CROP_SIZE, CROP_SIZE, CROP_SIZE)
     fig, axes = plt.subplots(dim, steps * 2, figsize=(steps * 2 * 1.3, dim * 1.4))
     mid = decoded.shape[-1] // 2
     for i in range(dim):
@@ -356,13 +356,6 @@ def plot_traversals(encoder: Encoder, latents: np.ndarray, path: Path, steps: in
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def encoder_shape() -> tuple[int, int, int]:
-    """Shape of a decoded crop."""
-    from discgeo.encoding import CROP_SIZE
-
-    return (CROP_SIZE, CROP_SIZE, CROP_SIZE)
 
 
 # --------------------------------------------------------------------------------------- report

@@ -1,6 +1,6 @@
 """Disc-narrowing classifier on latent + geometric features (scikit-learn), stored safely with skops.
 
-Feature sets (:data:`FEATURE_SETS`): ``latent`` (the autoencoder's code), ``geometric`` (the
+Feature sets (:func:`feature_sets`): ``latent`` (the autoencoder's code), ``geometric`` (the
 reference study's six features in mm/degrees, :data:`discgeo.geometry.REFERENCE_FEATURES`) and
 ``combined`` (both). Models: gradient boosting (``HistGradientBoostingClassifier``) and a
 logistic-regression baseline, each after standard scaling, with isotonic/sigmoid calibration of the
@@ -31,9 +31,6 @@ def feature_sets(latent_dim: int) -> dict[str, tuple[str, ...]]:
     """The three feature sets compared by the study."""
     latent = latent_names(latent_dim)
     return {"latent": latent, "geometric": REFERENCE_FEATURES, "combined": latent + REFERENCE_FEATURES}
-
-
-FEATURE_SETS = feature_sets(4)
 
 
 def make_model(kind: str = "boosting", *, seed: int = 0, calibrate: bool = True) -> Any:

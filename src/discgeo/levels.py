@@ -66,9 +66,6 @@ def level_of_disc_label(value: int) -> str:
     return level_name(value - DISC_LABEL_BASE - 1)
 
 
-LUMBAR_LEVELS = tuple(level_name(i) for i in range(5))
-
-
 _ORDINALS = (
     "First",
     "Second",
