@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-geometry train-autoencoder train-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry train-autoencoder train-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,14 @@ test-fast: setup
 
 clean:
 	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache
+
+# per-stage times, HTTP vs embedded, torch vs ORT, the reference recipe, scaling (~10 min on 2 cores)
+bench: setup
+	$(PY) -m bench.pipeline
+
+# the same, one study per path, no scaling or peak-memory child (< 3 min)
+bench-quick: setup
+	$(PY) -m bench.pipeline --quick
 
 bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6

@@ -253,6 +253,68 @@ def train(
     return history[-1] if history else {}
 
 
+def sweep(
+    data: Path, runs: Path, out: Path, *, bottlenecks: list[int], epochs: int, batch: int, threads: int
+) -> list[dict[str, Any]]:
+    """Train one autoencoder per bottleneck with the same epoch budget (each resumable in
+    ``runs/b<N>``) and write the comparison table to ``out`` (markdown) and ``out``.json."""
+    rows = []
+    for bottleneck in bottlenecks:
+        run = runs / f"b{bottleneck}"
+        train(
+            data,
+            run,
+            bottleneck=bottleneck,
+            epochs=epochs,
+            batch=batch,
+            seed=0,
+            threads=threads,
+            max_minutes=1e9,
+        )
+        history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][:epochs]
+        converged = next((h["epoch"] + 1 for h in history if h["train_iou"] > STOP_IOU), None)
+        reached = {
+            f"epochs_to_{level}": next((h["epoch"] + 1 for h in history if h["train_iou"] >= level), None)
+            for level in (0.8, 0.85)
+        }
+        last = history[-1]
+        rows.append(
+            {
+                "bottleneck": bottleneck,
+                "epochs_run": len(history),
+                "epochs_to_converge": converged,
+                **reached,
+                "train_iou": last["train_iou"],
+                "held_out_iou": last["held_out_iou"],
+                "best_held_out_iou": max(h["held_out_iou"] for h in history),
+                "seconds_per_epoch": float(np.median([h["seconds"] for h in history])),
+            }
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "| bottleneck | epochs run | epochs to IoU > 0.995 | epochs to 0.80 | epochs to 0.85 "
+        "| train IoU | held-out IoU | best held-out IoU | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            r["bottleneck"],
+            r["epochs_run"],
+            r["epochs_to_converge"] or f"not in {r['epochs_run']}",
+            r["epochs_to_0.8"] or "-",
+            r["epochs_to_0.85"] or "-",
+            f"{r['train_iou']:.4f}",
+            f"{r['held_out_iou']:.4f}",
+            f"{r['best_held_out_iou']:.4f}",
+            f"{r['seconds_per_epoch']:.0f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def _order(n: int, epoch: int, start: int, batch: int) -> np.ndarray:
     """Indices of one mini-batch: a fixed permutation per epoch, sliced."""
     perm = np.random.default_rng([epoch, n]).permutation(n)  # resumable: depends on the epoch only
@@ -380,6 +442,14 @@ def main() -> None:
         default="bce+dice",
         help="bce = the reference study; bce+dice converges in far fewer epochs on CPU",
     )
+    w = sub.add_parser("sweep", help="same epoch budget for several bottlenecks, then a table")
+    w.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
+    w.add_argument("--runs", type=Path, default=ROOT / "build" / "ae-sweep")
+    w.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "autoencoder-sweep.md")
+    w.add_argument("--bottlenecks", type=int, nargs="+", default=[64, 8, 4, 3])
+    w.add_argument("--epochs", type=int, default=12)
+    w.add_argument("--batch", type=int, default=8)
+    w.add_argument("--threads", type=int, default=2)
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "ae-run")
     e.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
@@ -398,6 +468,16 @@ def main() -> None:
             threads=args.threads,
             max_minutes=args.max_minutes,
             loss=args.loss,
+        )
+    elif args.command == "sweep":
+        sweep(
+            args.data,
+            args.runs,
+            args.out,
+            bottlenecks=args.bottlenecks,
+            epochs=args.epochs,
+            batch=args.batch,
+            threads=args.threads,
         )
     else:
         export(args.run, args.out, data=args.data)

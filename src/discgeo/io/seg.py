@@ -27,8 +27,8 @@ def write_seg(
     *,
     discs: Sequence[tuple[int, str]],
     series_number: int = 901,
-) -> Path:
-    """Write the discs of ``labels`` as a binary DICOM SEG referencing ``source_images``.
+) -> hd.seg.Segmentation:
+    """Write the discs of ``labels`` as a binary DICOM SEG referencing ``source_images``; returns it.
 
     ``discs`` lists ``(label value, level name)``; segment n is the n-th disc, labelled with its level
     and coded with the SNOMED CT structure of that disc. The label map must share the source series'
@@ -74,12 +74,11 @@ def write_seg(
         software_versions=__version__,
         device_serial_number="0",
         series_description="discgeo intervertebral discs",
-        omit_empty_frames=False,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
-    return path
+    return seg
 
 
 def read_seg(path: str | Path) -> Volume:
