@@ -99,3 +99,32 @@ def test_pieces_at_the_same_height_are_one_disc():
     merged = merge_same_level(parts, np.eye(4))
     assert len(np.unique(merged)) == 3  # background + two discs
     assert merged[10, 10, 12] == merged[30, 10, 15] != merged[10, 10, 44]
+
+
+def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
+    """Six bright blobs of ~11 % of a disc (over the absolute fragment limit, and numerous enough to pull
+    the median of all components down) must be dropped, so L5-S1 stays the lowest disc."""
+    case = make_case(12, 0, spacing=(1.0, 1.0, 1.0), full_coverage=True)
+    labels = case.labels.canonical()
+    discs = np.asarray(labels.array) > 200
+    image = discs.astype(np.float32) * 900.0 + 100.0
+    nx, ny, nz = image.shape
+    corners = [
+        (2, 2, 2),
+        (2, ny - 14, 2),
+        (nx - 14, 2, nz // 2),
+        (nx - 14, ny - 14, nz // 3),
+        (2, 2, nz - 14),
+        (nx - 14, ny - 14, nz - 14),
+    ]
+    for x, y, z in corners:
+        assert not discs[x : x + 12, y : y + 12, z : z + 12].any()
+        image[x : x + 12, y : y + 12, z : z + 12] = 1000.0  # 1728 mm3 blobs
+    disc_sizes = np.bincount(np.asarray(labels.array)[discs])[201:]
+    assert 1728 < 0.2 * np.median(disc_sizes[disc_sizes > 0])
+    predicted = segmenter.predict(Volume(image, labels.affine))
+    truth = labels.with_array(np.where(discs, labels.array, 0))
+    rows = dice_per_level(predicted, truth)
+    assert [r["level"] for r in rows] == [d["level"] for d in case.truth["discs"]]
+    assert min(r["dice"] for r in rows) > 0.9
+    assert predicted.meta["dropped_fragments"] >= len(corners)
