@@ -153,15 +153,21 @@ def load_data(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 
 # ------------------------------------------------------------------------------------------- train
+def device() -> torch.device:
+    """CUDA when torch sees a GPU, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def evaluate(encoder: DiscEncoder, decoder: DiscDecoder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
     encoder.eval()
     decoder.eval()
+    where = next(encoder.parameters()).device
     scores = []
     with torch.no_grad():
         for i in range(0, len(crops), batch):
-            x = torch.from_numpy(crops[i : i + batch, None].astype(np.float32))
+            x = torch.from_numpy(crops[i : i + batch, None].astype(np.float32)).to(where)
             recon = decoder(encoder(x)) > 0  # logit > 0  <=>  probability > 0.5
-            scores.append(iou(recon.numpy()[:, 0], crops[i : i + batch]))
+            scores.append(iou(recon.cpu().numpy()[:, 0], crops[i : i + batch]))
     return np.concatenate(scores)
 
 
@@ -181,7 +187,8 @@ def train(
     torch.set_num_threads(threads)
     crops, held, _, _ = load_data(data)
     train_x, held_x = crops[~held], crops[held]
-    encoder, decoder = DiscEncoder(bottleneck), DiscDecoder(bottleneck)
+    encoder, decoder = DiscEncoder(bottleneck).to(device()), DiscDecoder(bottleneck).to(device())
+    print(f"training on {device()}")
     optimiser = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
     bce = nn.BCEWithLogitsLoss()
 
@@ -198,12 +205,12 @@ def train(
     run.mkdir(parents=True, exist_ok=True)
     start_epoch, history = 0, []
     if (run / "last.pt").exists():
-        state = torch.load(run / "last.pt", weights_only=False)
+        state = torch.load(run / "last.pt", weights_only=False, map_location=device())
         encoder.load_state_dict(state["encoder"])
         decoder.load_state_dict(state["decoder"])
         optimiser.load_state_dict(state["optimiser"])
         start_epoch, history = state["epoch"] + 1, state["history"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         print(f"resumed at epoch {start_epoch}")
     started = time.monotonic()
     for epoch in range(start_epoch, epochs):
@@ -213,6 +220,7 @@ def train(
         losses = []
         for i in range(0, len(train_x), batch):
             x = torch.from_numpy(train_x[_order(len(train_x), epoch, i, batch)][:, None].astype(np.float32))
+            x = x.to(device())
             value = loss_fn(decoder(encoder(x)), x)
             optimiser.zero_grad()
             value.backward()
@@ -374,7 +382,7 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
     """Export the last checkpoint, check parity with torch, write metadata.json."""
     from discgeo.artifacts import write_artifact
 
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
     bottleneck = state["bottleneck"]
     encoder, decoder = DiscEncoder(bottleneck), DiscDecoder(bottleneck)
     encoder.load_state_dict(state["encoder"])

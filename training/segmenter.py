@@ -3,6 +3,7 @@
     python -m training.segmenter data   --out build/seg-data --phantoms 60 [--spider /path/to/SPIDER]
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|gpu]
     python -m training.segmenter export --run build/seg-run --out models/segmenter
+    python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 build/seg-run
 
 Configurations
 --------------
@@ -182,12 +183,18 @@ def _samples(
     return [items[i] for i in order]
 
 
+def device() -> torch.device:
+    """CUDA when torch sees a GPU, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     """Disc probability of a prepared volume with the torch model (same windowing as inference)."""
+    where = next(model.parameters()).device
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
+            return model(torch.from_numpy(batch).to(where)).float().cpu().numpy()
 
     if config["dims"] == 2:
         return np.stack([sliding_window(run, s, config["roi"], 2)[1] for s in image])
@@ -220,14 +227,15 @@ def train(
     index = json.loads((data / "index.json").read_text())
     train_names, val_names = _split(index, exclude, seed)
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
-    model = build_model(config)
+    model = build_model(config).to(device())
+    print(f"training on {device()}")
     optimiser = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transforms = _transforms(config, seed)
     run.mkdir(parents=True, exist_ok=True)
     start, history, best = 0, [], -1.0
     if (run / "last.pt").exists():
-        state = torch.load(run / "last.pt", weights_only=False)
+        state = torch.load(run / "last.pt", weights_only=False, map_location=device())
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
@@ -245,8 +253,8 @@ def train(
             batch += transforms(item)
             if len(batch) < config["batch"]:
                 continue
-            x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float()
-            y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).long()
+            x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float().to(device())
+            y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).long().to(device())
             batch = []
             value = loss_fn(model(x), y)
             optimiser.zero_grad()
@@ -326,7 +334,7 @@ def export(run: Path, out: Path) -> dict[str, Any]:
     """Export best.pt to ONNX, check parity with torch, write metadata.json."""
     from discgeo.artifacts import write_artifact
 
-    state = torch.load(run / "best.pt", weights_only=False)
+    state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
     config = CONFIGS[state["config"]]
     model = build_model(config)
     model.load_state_dict(state["model"])
@@ -361,6 +369,55 @@ def export(run: Path, out: Path) -> dict[str, Any]:
     return metadata
 
 
+def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Score each run's model on the real cases it never saw (its ``--exclude``): export it to
+    ``RUN/artifact``, segment the case with the inference path, Dice per level and of all discs."""
+    from discgeo.io import read_labels, read_volume
+    from discgeo.segmentation import Segmenter, dice_per_level
+
+    rows = []
+    for run in runs:
+        state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
+        if not (run / "artifact" / "metadata.json").exists():
+            export(run, run / "artifact")
+        segmenter = Segmenter.from_artifact(run / "artifact")
+        for case in state["exclude"]:
+            truth = read_labels(SHARED / f"{case}_discs.nii.gz")
+            predicted = segmenter.predict(read_volume(SHARED / f"{case}.nii.gz"))
+            per_level = dice_per_level(predicted, truth)
+            a, b = np.asarray(predicted.canonical().array) > 0, np.asarray(truth.canonical().array) > 0
+            rows.append(
+                {
+                    "case": case,
+                    "run": run.name,
+                    "best_epoch": state["epoch"] + 1,
+                    "discs_found": int(sum(r["predicted"] for r in per_level)),
+                    "dice_by_level": {r["level"]: round(r["dice"], 3) for r in per_level},
+                    "mean_dice_per_level": round(float(np.mean([r["dice"] for r in per_level])), 3),
+                    "dice_all_discs": round(dice(a, b), 3),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lines = [
+        "| held-out case | model (run, best epoch) | discs found | Dice per level | mean Dice per level "
+        "| Dice of all discs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        levels = ", ".join(f"{k} {v}" for k, v in r["dice_by_level"].items())
+        lines.append(
+            f"| {r['case']} | {r['run']}, e{r['best_epoch']} | {r['discs_found']} | {levels} | "
+            f"{r['mean_dice_per_level']} | {r['dice_all_discs']} |"
+        )
+    mean = float(np.mean([r["mean_dice_per_level"] for r in rows]))
+    lines += ["", f"Mean over the held-out cases: {mean:.3f} (goal 0.85)."]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -382,6 +439,9 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--max-minutes", type=float, default=1e9)
     t.add_argument("--exclude", nargs="*", default=[], help="case names left out (e.g. case-25)")
+    lo = sub.add_parser("loo", help="score runs on the real cases they excluded")
+    lo.add_argument("--runs", type=Path, nargs="+", required=True)
+    lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
     e.add_argument("--out", type=Path, default=ROOT / "models" / "segmenter")
@@ -402,6 +462,8 @@ def main() -> None:
             exclude=args.exclude,
             steps_per_epoch=args.steps_per_epoch,
         )
+    elif args.command == "loo":
+        leave_one_out(args.runs, args.out)
     else:
         export(args.run, args.out)
 
