@@ -673,7 +673,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{s['reference_pipeline_s']} s: **{s['speedup_vs_reference']}x**. Peak memory: embedded "
         f"{r.get('embedded_peak', {}).get('peak_rss_mib', '(full run only)')} MiB, reference "
         f"{r['reference']['peak_rss_mib']} MiB, "
-        f"five service processes together {r['http']['services_peak_rss_mib']} MiB.",
+        f"the four stage services (all their processes) together {r['http']['services_peak_rss_mib']} MiB.",
         "",
         "## Compute against the machine",
         "",
