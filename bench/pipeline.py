@@ -745,6 +745,40 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Stacked bars of seconds per study by step: embedded, HTTP, reference recipe; ours alone below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = ("read", "prepare", "segment", "measure", "encode", "classify", "write")
+    paths = {
+        "embedded": r["embedded"]["stages_s"],
+        "HTTP": r["http"]["stages_s"],
+        "reference recipe": r["reference"]["timings_s"],
+    }
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 4.6), height_ratios=(3, 2))
+    for ax, shown in zip(axes, (paths, dict(list(paths.items())[:2])), strict=True):
+        for i, times in enumerate(shown.values()):
+            left = 0.0
+            for j, step in enumerate(steps):
+                width = float(times.get(step, 0.0))
+                colour = plt.get_cmap("tab10")(j)
+                ax.barh(i, width, left=left, color=colour, label=step if i == 0 and ax is axes[0] else None)
+                left += width
+            ax.text(left, i, f" {left:.2f} s", va="center", fontsize=8)
+        ax.set_yticks(range(len(shown)), list(shown))
+        ax.invert_yaxis()
+        ax.margins(x=0.12)
+    axes[0].set_title("seconds per study, by step", fontsize=9)
+    axes[1].set_xlabel("seconds (lower panel: ours only, to see the small steps)")
+    fig.legend(ncol=7, fontsize=7, loc="upper center", frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -768,6 +802,7 @@ def main() -> None:
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)
     (args.out / f"{name}.md").write_text(text)
+    plot(results, args.out / f"{name}.png")
     print(text)
     print(f"[bench] {results['bench_wall_s']} s", file=sys.stderr)
 
