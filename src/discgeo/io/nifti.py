@@ -94,11 +94,20 @@ def nifti_from_bytes(
 
 
 def nifti_to_bytes(volume: Volume) -> bytes:
-    """A volume as gzip-compressed NIfTI bytes (for HTTP bodies)."""
-    image = nib.Nifti1Image(volume.array, volume.affine)
+    """A volume as gzip-compressed NIfTI bytes (for HTTP bodies).
+
+    Whole-numbered voxels (MR magnitudes after rescale, label maps) travel as the smallest integer type
+    that holds them, which is exact; gzip level 1 compresses 3-7x faster than level 6 for ~15 % more
+    bytes, the better trade on a cluster network."""
+    array = np.asarray(volume.array)
+    if array.dtype.kind == "f" and array.size and np.array_equal(array, np.rint(array)):
+        lo, hi = float(array.min()), float(array.max())
+        if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+            array = _smallest_int(array)
+    image = nib.Nifti1Image(array, volume.affine)
     image.set_qform(volume.affine, code=1)
     image.set_sform(volume.affine, code=1)
-    return gzip.compress(image.to_bytes(), compresslevel=6)
+    return gzip.compress(image.to_bytes(), compresslevel=1)
 
 
 def write_nifti(volume: Volume, path: str | Path) -> Path:
@@ -114,7 +123,7 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
 
 def _smallest_int(data: np.ndarray) -> np.ndarray:
     lo, hi = int(data.min()), int(data.max())
-    for dtype in (np.uint8, np.int16, np.int32):
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return data.astype(dtype, copy=False)
