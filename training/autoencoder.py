@@ -35,6 +35,7 @@ SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
 REAL_CASES = ("case-11", "case-20", "case-25")
 CHANNELS = (32, 64, 128, 256, 512)
 STOP_IOU = 0.995
+SWEEP_TABLE = ROOT / "training" / "results" / "autoencoder-sweep.json"
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -422,6 +423,8 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
             "history_tail": history[-5:],
         },
     }
+    if SWEEP_TABLE.exists():  # the bottleneck comparison travels with the model it informed
+        metadata["metrics"]["bottleneck_sweep"] = json.loads(SWEEP_TABLE.read_text())
     write_artifact(out, metadata)
     return metadata
 
@@ -453,7 +456,7 @@ def main() -> None:
     w = sub.add_parser("sweep", help="same epoch budget for several bottlenecks, then a table")
     w.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
     w.add_argument("--runs", type=Path, default=ROOT / "build" / "ae-sweep")
-    w.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "autoencoder-sweep.md")
+    w.add_argument("--out", type=Path, default=SWEEP_TABLE.with_suffix(".md"))
     w.add_argument("--bottlenecks", type=int, nargs="+", default=[64, 8, 4, 3])
     w.add_argument("--epochs", type=int, default=12)
     w.add_argument("--batch", type=int, default=8)
