@@ -9,10 +9,12 @@
 3. sliding-window inference with the model's fixed ROI, 25 % overlap and Gaussian weighting of the
    window centres, batched;
 4. disc probability resampled back to the original grid, thresholded at 0.5;
-5. post-processing: connected components under ``min_fragment_mm3`` or under 20 % of the typical
-   disc (the median of the five largest components: a lumbar view holds at least five discs) dropped, components much larger than the median disc split at their narrowest part
-   (touching discs), pieces at the same height merged (one disc segmented in parts), levels assigned
-   from the bottom (SPIDER labels 201+).
+5. post-processing: connected components under ``min_fragment_mm3`` dropped and components much
+   larger than the median disc split at their narrowest part (touching discs); then components under
+   20 % of the typical disc (the median of the five largest: a lumbar view holds at least five discs)
+   dropped, as are smaller ones more than 20 mm in front of or behind the column of discs; pieces at
+   the same height merged (one disc segmented in parts); levels assigned from the bottom (SPIDER
+   labels 201+).
 
 The artifact's metadata states ``dims`` (2 or 3), ``spacing_mm``, ``roi``, ``classes`` and the
 ONNX input/output names.
@@ -38,6 +40,7 @@ DEFAULT_MIN_FRAGMENT_MM3 = 200.0
 MAX_DISCS = 12  # a sagittal lumbar view holds 5-8 discs; more components are segmentation noise
 RELATIVE_FRAGMENT = 0.2  # components under this fraction of the typical disc are dropped
 TYPICAL_DISCS = 5  # the typical disc size is the median of this many largest components
+OFF_SPINE_MM = 20.0  # a smaller component this far in front of or behind the disc column is not a disc
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -245,6 +248,7 @@ class Segmenter:
         if len(present):  # a disc is never a small fraction of the typical disc: such pieces are noise
             typical = float(np.median(np.sort(sizes[present])[-TYPICAL_DISCS:]))
             present = present[sizes[present] >= RELATIVE_FRAGMENT * typical]
+            present = _on_spine(parts, present, sizes[present] >= 0.5 * typical, canonical.affine)
         largest = present[np.argsort(sizes[present])[::-1][:MAX_DISCS]]
         dropped += int(np.count_nonzero(sizes[1:])) - len(largest)
         parts = merge_same_level(np.where(np.isin(parts, largest), parts, 0), canonical.affine)
@@ -302,19 +306,42 @@ def _present(parts: np.ndarray) -> list[int]:
     return [int(v) for v in np.flatnonzero(np.bincount(parts.ravel())[1:]) + 1]
 
 
-def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:
-    """Labels ordered by the height (superior coordinate) of their centre of mass, lowest first."""
+def _centres(parts: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels present and the world (RAS+ mm) centre of mass of each."""
     index = np.nonzero(parts)  # discs are ~1 % of the voxels: work on those only
-    if not index[0].size:
-        return []
     values = parts[index]
     counts = np.bincount(values)
     present = np.flatnonzero(counts)
-    centres = (
-        np.stack([np.bincount(values, weights=i)[present] for i in index], axis=1) / counts[present, None]
-    )
-    height = centres @ affine[2, :3] + affine[2, 3]
-    return [int(v) for v in present[np.argsort(height, kind="stable")]]
+    present = present[present > 0]
+    voxel = np.stack([np.bincount(values, weights=i)[present] for i in index], axis=1) / counts[present, None]
+    return present, voxel @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _on_spine(
+    parts: np.ndarray, candidates: np.ndarray, disc_sized: np.ndarray, affine: np.ndarray
+) -> np.ndarray:
+    """Drop smaller components lying off the column of discs.
+
+    A line AP = f(SI) is fitted through the centres of the disc-sized components (``disc_sized``, at
+    least three); a smaller component whose centre is more than :data:`OFF_SPINE_MM` in front of or
+    behind it (a sacral or vascular fragment) is dropped. A line, not a curve: it extrapolates safely to
+    a partly visible disc at either end of the view."""
+    if disc_sized.sum() < 3 or disc_sized.all():
+        return candidates
+    labels, centres = _centres(np.where(np.isin(parts, candidates), parts, 0), affine)
+    centre_of = dict(zip(labels.tolist(), centres, strict=True))
+    points = np.array([centre_of[int(c)] for c in candidates])
+    slope, intercept = np.polyfit(points[disc_sized, 2], points[disc_sized, 1], 1)
+    offset = np.abs(points[:, 1] - (slope * points[:, 2] + intercept))
+    return candidates[disc_sized | (offset <= OFF_SPINE_MM)]
+
+
+def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:
+    """Labels ordered by the height (superior coordinate) of their centre of mass, lowest first."""
+    if not np.any(parts):
+        return []
+    labels, centres = _centres(parts, affine)
+    return [int(v) for v in labels[np.argsort(centres[:, 2], kind="stable")]]
 
 
 def dice_per_level(pred: Volume, truth: Volume) -> list[dict[str, Any]]:
