@@ -67,7 +67,13 @@ def test_embedded_study_results_match_truth(stages, study, tmp_path):
     assert sr.Modality == "SR" and sr.StudyInstanceUID == sources[0].StudyInstanceUID
     text = str(sr)
     assert "Disc mean height" in text and "Disc space narrowing" in text and "mm" in text
-    assert files["overview"].stat().st_size > 10_000
+    from PIL import Image
+
+    from discgeo.io.outputs import DISC_COLOURS
+
+    picture = np.asarray(Image.open(files["overview"]).convert("RGB")).reshape(-1, 3).astype(int)
+    for i in range(len(result.discs)):  # each disc's colour is drawn (its leader line and label text)
+        assert np.count_nonzero(np.all(picture == DISC_COLOURS[i].astype(int), axis=1)) > 50
 
 
 @pytest.mark.skipif(
