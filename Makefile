@@ -79,7 +79,7 @@ clean:
 bench: setup
 	$(PY) -m bench.pipeline
 
-# the same, one study per path, no scaling or peak-memory child (< 3 min)
+# the same with one study per path; no scaling, peak-memory child or segmenter torch run (< 3 min)
 bench-quick: setup
 	$(PY) -m bench.pipeline --quick
 

@@ -367,18 +367,21 @@ def embedded_scaling(volume: Any, stages: Any, repeats: int) -> list[dict[str, A
 
 
 # -------------------------------------------------------------------------------- torch vs ORT
-def torch_vs_ort(volume: Any, stages: Any, crops: np.ndarray, *, warm: bool) -> dict[str, Any]:
-    """The segmenter's sliding-window probability and a 32-crop encoder batch, ONNX Runtime vs torch."""
-    seg = stages.segmenter
-    canonical = volume.canonical()
+def torch_vs_ort(volume: Any, stages: Any, crops: np.ndarray, *, segmenter: bool) -> dict[str, Any]:
+    """A 32-crop encoder batch and (when ``segmenter``) the segmenter's sliding-window probability map of
+    the study, ONNX Runtime vs torch."""
     result: dict[str, Any] = {"torch_device": torch_device()}
-    ort_session = seg.session
-    result["segmenter_ort_s"] = _best(lambda: seg.disc_probability(canonical), 1, warm=warm)
-    seg.session = TorchSession(segmenter_module(seg.metadata), "torch")
-    try:
-        result["segmenter_torch_s"] = _best(lambda: seg.disc_probability(canonical), 1, warm=warm)
-    finally:
-        seg.session = ort_session
+    if segmenter:
+        seg = stages.segmenter
+        canonical = volume.canonical()
+        ort_session = seg.session
+        result["segmenter_ort_s"] = _best(lambda: seg.disc_probability(canonical), 1)
+        seg.session = TorchSession(segmenter_module(seg.metadata), "torch")
+        try:
+            result["segmenter_torch_s"] = _best(lambda: seg.disc_probability(canonical), 1)
+        finally:
+            seg.session = ort_session
+        result["segmenter_torch_over_ort"] = round(result["segmenter_torch_s"] / result["segmenter_ort_s"], 2)
     batch = np.resize(crops, (32, *crops.shape[1:]))
     enc = stages.encoder
     result["encoder32_ort_s"] = _best(lambda: enc.encode(batch), 3)
@@ -388,15 +391,13 @@ def torch_vs_ort(volume: Any, stages: Any, crops: np.ndarray, *, warm: bool) -> 
         result["encoder32_torch_s"] = _best(lambda: enc.encode(batch), 3)
     finally:
         enc.encoder = ort_encoder
-    result["segmenter_torch_over_ort"] = round(result["segmenter_torch_s"] / result["segmenter_ort_s"], 2)
     result["encoder_torch_over_ort"] = round(result["encoder32_torch_s"] / result["encoder32_ort_s"], 2)
     return result
 
 
-def _best(fn: Callable[[], Any], repeats: int, *, warm: bool = True) -> float:
-    """Best wall time of ``repeats`` calls, after one untimed call when ``warm``."""
-    if warm:
-        fn()
+def _best(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, after one untimed warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -567,7 +568,7 @@ def run(quick: bool) -> dict[str, Any]:
         labels_path = write_nifti(labels, tmp / "labels.nii.gz")
         results["reference"] = child("reference", str(SHARED / f"{CASE}.nii.gz"), str(labels_path))
         log(f"reference {results['reference']['timings_s']}")
-        results["torch_vs_ort"] = torch_vs_ort(volume, stages, crops, warm=not quick)
+        results["torch_vs_ort"] = torch_vs_ort(volume, stages, crops, segmenter=not quick)
         log(f"torch vs ORT {results['torch_vs_ort']}")
         results["http"] = http(files, tmp, repeats, [] if quick else [4], crops, stages)
         log(f"http {results['http']['stages_s']}, encoder {results['http']['encoder_batching']}")
@@ -705,8 +706,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "| work | ONNX Runtime s | torch s | torch / ORT |",
         "|---|---|---|---|",
-        f"| segmenter probability map, one study | {tvo['segmenter_ort_s']} | "
-        f"{tvo['segmenter_torch_s']} | {tvo['segmenter_torch_over_ort']} |",
+        f"| segmenter probability map, one study | {tvo.get('segmenter_ort_s', 'full run only')} | "
+        f"{tvo.get('segmenter_torch_s', '-')} | {tvo.get('segmenter_torch_over_ort', '-')} |",
         f"| encoder, 32 crops | {tvo['encoder32_ort_s']} | {tvo['encoder32_torch_s']} | "
         f"{tvo['encoder_torch_over_ort']} |",
         "",
