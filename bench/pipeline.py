@@ -636,6 +636,7 @@ def markdown(r: dict[str, Any]) -> str:
     emb, ht, ref = r["embedded"]["stages_s"], r["http"]["stages_s"], r["reference"]["timings_s"]
     command = "python -m bench.pipeline" + (" --quick" if r["mode"] == "quick" else "")
     hw = m["gpu"] or f"{m['cores']} CPU cores ({m['cpu']})"
+    embedded_peak = f"{r['embedded_peak']['peak_rss_mib']} MiB" if "embedded_peak" in r else "in the full run"
     lines = [
         f"# Pipeline benchmark ({r['mode']})",
         "",
@@ -672,7 +673,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"normalising and resampling to 1 mm took {ref['prepare']} s more. "
         f"Pipeline (segment+measure+encode+classify) ours {s['ours_pipeline_s']} s vs reference "
         f"{s['reference_pipeline_s']} s: **{s['speedup_vs_reference']}x**. Peak memory: embedded "
-        f"{r.get('embedded_peak', {}).get('peak_rss_mib', '(full run only)')} MiB, reference "
+        f"{embedded_peak}, reference "
         f"{r['reference']['peak_rss_mib']} MiB, "
         f"the four stage services (all their processes) together {r['http']['services_peak_rss_mib']} MiB.",
         "",
