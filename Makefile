@@ -75,7 +75,7 @@ test-fast: setup
 clean:
 	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache
 
-# per-stage times, HTTP vs embedded, torch vs ORT, the reference recipe, scaling (~10 min on 2 cores)
+# per-stage times, HTTP vs embedded, torch vs ORT, the reference recipe, scaling (~6 min on 2 cores)
 bench: setup
 	$(PY) -m bench.pipeline
 

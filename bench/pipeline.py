@@ -1,7 +1,7 @@
 """The pipeline benchmark: where a study's time goes, how fast studies flow, and how that compares with
 the reference recipe and with what the machine could do.
 
-    python -m bench.pipeline            # make bench        (about 10 minutes on 2 CPU cores)
+    python -m bench.pipeline            # make bench        (about 6 minutes on 2 CPU cores)
     python -m bench.pipeline --quick    # make bench-quick  (under 3 minutes)
 
 Measured in one run, on one real T2 case (case-20, 221x221x67 at 1 mm; Menezes-Reis et al. 2016, see
