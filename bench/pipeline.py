@@ -132,13 +132,14 @@ class TorchSession:
     """A torch module behind ONNX Runtime's ``run`` interface, to time torch on the same code path."""
 
     def __init__(self, module: Any, provider: str) -> None:
-        self.module, self.provider = module.eval().to(torch_device()), provider
+        self.device = torch_device()
+        self.module, self.provider = module.eval().to(self.device), provider
 
     def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(next(iter(feeds.values()))).to(torch_device())
+            x = torch.from_numpy(next(iter(feeds.values()))).to(self.device)
             return [self.module(x).float().cpu().numpy()]
 
     def get_providers(self) -> list[str]:

@@ -40,8 +40,8 @@ def open_session(path: Path, providers: Sequence[str] | None = None, threads: in
     # 4.9 s sleeping on an idle machine, but 15.3 s vs 11.0 s while another process trains -- a node
     # shared with other pods is the normal case in a deployment, so robustness wins
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=select_providers(providers))
     requested = select_providers(providers)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
     if requested[0] != session.get_providers()[0]:
         log.warning("asked for %s, ONNX Runtime uses %s", requested[0], session.get_providers()[0])
     return session

@@ -311,8 +311,7 @@ def _centres(parts: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndar
     index = np.nonzero(parts)  # discs are ~1 % of the voxels: work on those only
     values = parts[index]
     counts = np.bincount(values)
-    present = np.flatnonzero(counts)
-    present = present[present > 0]
+    present = np.flatnonzero(counts)  # label 0 never counted: only non-zero voxels were taken
     voxel = np.stack([np.bincount(values, weights=i)[present] for i in index], axis=1) / counts[present, None]
     return present, voxel @ affine[:3, :3].T + affine[:3, 3]
 
@@ -328,9 +327,8 @@ def _on_spine(
     a partly visible disc at either end of the view."""
     if disc_sized.sum() < 3 or disc_sized.all():
         return candidates
-    labels, centres = _centres(np.where(np.isin(parts, candidates), parts, 0), affine)
-    centre_of = dict(zip(labels.tolist(), centres, strict=True))
-    points = np.array([centre_of[int(c)] for c in candidates])
+    labels, centres = _centres(parts, affine)
+    points = centres[np.searchsorted(labels, candidates)]
     slope, intercept = np.polyfit(points[disc_sized, 2], points[disc_sized, 1], 1)
     offset = np.abs(points[:, 1] - (slope * points[:, 2] + intercept))
     return candidates[disc_sized | (offset <= OFF_SPINE_MM)]
