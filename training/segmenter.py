@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from discgeo.segmentation import normalise, resample, sliding_window
+from training.torchrun import autocast, device
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
@@ -167,25 +168,24 @@ def _transforms(config: dict[str, Any], seed: int) -> Any:
 
 
 def _samples(
-    volumes: list[tuple[np.ndarray, np.ndarray]], dims: int, rng: np.random.Generator
+    volumes: list[tuple[np.ndarray, np.ndarray]],
+    dims: int,
+    rng: np.random.Generator,
+    repeats: list[int],
 ) -> list[dict[str, np.ndarray]]:
-    """One epoch's items: 2D sagittal slices (with some disc) or whole 3D volumes, channel first."""
+    """One epoch's items: 2D sagittal slices (with some disc) or whole 3D volumes, channel first;
+    volume ``i`` contributes its items ``repeats[i]`` times (oversampling the few real cases)."""
     items = []
-    for image, labels in volumes:
+    for (image, labels), repeat in zip(volumes, repeats, strict=True):
         if dims == 3:
-            items.append({"image": image[None], "label": labels[None]})
+            items += [{"image": image[None], "label": labels[None]}] * repeat
             continue
         with_disc = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
         without = np.setdiff1d(np.arange(labels.shape[0]), with_disc)
         chosen = list(with_disc) + list(rng.choice(without, size=min(len(without), 2), replace=False))
-        items += [{"image": image[i][None], "label": labels[i][None]} for i in chosen]
+        items += [{"image": image[i][None], "label": labels[i][None]} for i in chosen] * repeat
     order = rng.permutation(len(items))
     return [items[i] for i in order]
-
-
-def device() -> torch.device:
-    """CUDA when torch sees a GPU, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
@@ -218,6 +218,8 @@ def train(
     max_minutes: float,
     exclude: list[str],
     steps_per_epoch: int,
+    real_weight: int = 1,
+    precision: str = "bf16",
 ) -> dict[str, Any]:
     from monai.losses import DiceCELoss
 
@@ -227,6 +229,7 @@ def train(
     index = json.loads((data / "index.json").read_text())
     train_names, val_names = _split(index, exclude, seed)
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
+    repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
     model = build_model(config).to(device())
     print(f"training on {device()}")
     optimiser = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
@@ -246,7 +249,7 @@ def train(
         model.train()
         t0 = time.monotonic()
         losses = []
-        items = _samples(train_volumes, config["dims"], rng)
+        items = _samples(train_volumes, config["dims"], rng, repeats)
         batch: list[dict[str, Any]] = []
         step = 0
         for item in items:
@@ -256,7 +259,9 @@ def train(
             x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float().to(device())
             y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).long().to(device())
             batch = []
-            value = loss_fn(model(x), y)
+            with autocast(precision):
+                logits = model(x)
+            value = loss_fn(logits.float(), y)
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
@@ -288,6 +293,8 @@ def train(
             "config": config_name,
             "seed": seed,
             "exclude": exclude,
+            "real_weight": real_weight,
+            "precision": precision,
             "train": train_names,
             "validation": val_names,
         }
@@ -355,6 +362,8 @@ def export(run: Path, out: Path) -> dict[str, Any]:
             "seed": state["seed"],
             "epochs": state["epoch"] + 1,
             "excluded": state["exclude"],
+            "real_weight": state.get("real_weight", 1),
+            "precision": state.get("precision", "fp32"),
             "train_cases": len(state["train"]),
             "validation_cases": state["validation"],
             "command": "python -m training.segmenter data/train/export (see training/segmenter.py)",
@@ -444,6 +453,18 @@ def main() -> None:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--max-minutes", type=float, default=1e9)
     t.add_argument("--exclude", nargs="*", default=[], help="case names left out (e.g. case-25)")
+    t.add_argument(
+        "--real-weight",
+        type=int,
+        default=1,
+        help="each real or SPIDER case's slices appear this many times per epoch (phantoms once)",
+    )
+    t.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="bf16 autocast for training steps (float32 weights, validation and export)",
+    )
     lo = sub.add_parser("loo", help="score runs on the real cases they excluded")
     lo.add_argument("--runs", type=Path, nargs="+", required=True)
     lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
@@ -466,6 +487,8 @@ def main() -> None:
             max_minutes=args.max_minutes,
             exclude=args.exclude,
             steps_per_epoch=args.steps_per_epoch,
+            real_weight=args.real_weight,
+            precision=args.precision,
         )
     elif args.command == "loo":
         leave_one_out(args.runs, args.out)

@@ -1,0 +1,63 @@
+"""Training loops on tiny data: oversampling of real cases, mixed precision, the float32 figures
+written into the autoencoder artifact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_segmenter_epoch_items_repeat_real_cases():
+    from training.segmenter import _samples
+
+    rng = np.random.default_rng(0)
+    phantom = (np.zeros((6, 8, 8), np.float32), np.zeros((6, 8, 8), np.uint8))
+    phantom[1][1:4, 2:5, 2:5] = 1  # 3 slices with disc (+2 without)
+    real = (np.ones((5, 8, 8), np.float32), np.zeros((5, 8, 8), np.uint8))
+    real[1][0:2, 3:6, 3:6] = 1  # 2 slices with disc (+2 without)
+    items = _samples([phantom, real], 2, rng, [1, 4])
+    from_real = sum(float(item["image"].max()) == 1.0 for item in items)
+    assert len(items) == 5 + 4 * 4
+    assert from_real == 16
+    assert all(item["image"].shape == (1, 8, 8) for item in items)
+
+
+def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
+    import torch
+    from discgeo.encoding import Encoder, iou
+    from training.autoencoder import export, train
+
+    # eight boxes of different sizes: six for training, one held-out phantom, one held-out "real"
+    crops = np.zeros((8, 64, 64, 64), np.uint8)
+    for i in range(8):
+        crops[i, 28 - i : 36 + i, 12:52, 20 : 44 + i] = 1
+    held = np.array([False] * 6 + [True, True])
+    sources = np.array(["phantom"] * 7 + ["real"])
+    patients = np.array([f"p{i}" for i in range(7)] + ["case-25"])
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez_compressed(
+        data / "crops.npz", packed=np.packbits(crops, axis=-1), held=held, patients=patients, sources=sources
+    )
+    (data / "summary.json").write_text(json.dumps({"discs": 8, "train": 6, "held_out": 2}))
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    train(data, run, bottleneck=4, epochs=3, batch=3, seed=0, threads=2, max_minutes=10, precision="bf16")
+    history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(history) == 3
+    assert history[-1]["loss"] < history[0]["loss"]
+
+    metadata = export(run, tmp_path / "artifact", data=data)
+    assert metadata["training"]["precision"] == "bf16"
+    quality = metadata["metrics"]["quality_float32"]
+    assert quality["train"]["discs"] == 6 and quality["held_out"]["discs"] == 2
+    assert quality["held_out_real"]["cases"] == ["case-25"]
+    # the recorded figure is what the shipped ONNX models give through the inference path
+    encoder = Encoder.from_artifact(tmp_path / "artifact")
+    recon = encoder.decode(encoder.encode(crops[:6])) >= 0.5
+    assert quality["train"]["mean_iou"] == pytest.approx(float(iou(recon, crops[:6]).mean()), abs=2e-3)
+    assert metadata["metrics"]["train_iou"] == quality["train"]["mean_iou"]
