@@ -28,8 +28,9 @@ def test_segmenter_epoch_items_repeat_real_cases():
 
 def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     import torch
-    from discgeo.encoding import Encoder, iou
     from training.autoencoder import export, train
+
+    from discgeo.encoding import Encoder, iou
 
     # eight boxes of different sizes: six for training, one held-out phantom, one held-out "real"
     crops = np.zeros((8, 64, 64, 64), np.uint8)
