@@ -337,8 +337,9 @@ def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: Path) -> f
     return parity
 
 
-def export(run: Path, out: Path) -> dict[str, Any]:
-    """Export best.pt to ONNX, check parity with torch, write metadata.json."""
+def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
+    """Export best.pt to ONNX, check parity with torch, write metadata.json (with
+    :func:`score_artifact`'s figures unless ``score`` is False)."""
     from discgeo.artifacts import write_artifact
 
     state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
@@ -375,37 +376,82 @@ def export(run: Path, out: Path) -> dict[str, Any]:
         },
     }
     write_artifact(out, metadata)
+    if score:
+        metadata["metrics"].update(score_artifact(out, excluded=state["exclude"]))
+        print(json.dumps(metadata["metrics"], indent=1))
+        write_artifact(out, metadata)
     return metadata
+
+
+HELD_OUT_PHANTOMS = (909, 8)  # seed and count of the phantoms no training run ever sees
+
+
+def score_real_case(segmenter: Any, case: str) -> dict[str, Any]:
+    """Segment a real shared case with the inference path; Dice per level and of all discs."""
+    from discgeo.io import read_labels, read_volume
+    from discgeo.segmentation import dice_per_level
+
+    truth = read_labels(SHARED / f"{case}_discs.nii.gz")
+    predicted = segmenter.predict(read_volume(SHARED / f"{case}.nii.gz"))
+    per_level = dice_per_level(predicted, truth)
+    a, b = np.asarray(predicted.canonical().array) > 0, np.asarray(truth.canonical().array) > 0
+    return {
+        "case": case,
+        "discs_found": int(sum(r["predicted"] for r in per_level)),
+        "dice_by_level": {r["level"]: round(r["dice"], 3) for r in per_level},
+        "mean_dice_per_level": round(float(np.mean([r["dice"] for r in per_level])), 3),
+        "dice_all_discs": round(dice(a, b), 3),
+    }
+
+
+def score_artifact(folder: Path, *, excluded: list[str]) -> dict[str, Any]:
+    """The artifact's quality through the inference path: per-disc Dice/IoU on phantoms no run
+    trains on (:data:`HELD_OUT_PHANTOMS`) and Dice on each real case (``held_out`` when the
+    training excluded it)."""
+    from discgeo.phantom import make_case
+    from discgeo.segmentation import Segmenter, dice_per_level
+    from discgeo.volume import Volume
+
+    segmenter = Segmenter.from_artifact(folder)
+    seed, count = HELD_OUT_PHANTOMS
+    rows = []
+    for case in range(count):
+        c = make_case(seed, case)
+        discs = Volume(np.where(c.labels.array > 200, c.labels.array, 0), c.labels.affine)
+        rows += dice_per_level(segmenter.predict(c.image), discs)
+    matched = [r for r in rows if r["predicted"] and r["reference"]]
+    scores = np.array([r["dice"] for r in rows if r["reference"]])  # a missed level scores 0
+    phantoms = {
+        "command": f"{count} phantoms of seed {seed} (never used in training), Segmenter.predict",
+        "discs": len(scores),
+        "mean_dice": round(float(scores.mean()), 4),
+        "median_dice": round(float(np.median(scores)), 4),
+        "mean_iou": round(float(np.mean([r["iou"] for r in rows if r["reference"]])), 4),
+        "mean_dice_matched_levels": round(float(np.mean([r["dice"] for r in matched])), 4),
+        "spurious_levels": sum(r["predicted"] and not r["reference"] for r in rows),
+        "missed_levels": sum(r["reference"] and not r["predicted"] for r in rows),
+    }
+    real = {}
+    for case in REAL_CASES:
+        row = score_real_case(segmenter, case)
+        real[case] = {"held_out": case in excluded, **{k: v for k, v in row.items() if k != "case"}}
+    return {"held_out_phantoms_per_disc": phantoms, "real_t2_cases": real}
 
 
 def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
     """Score each run's model on the real cases it never saw (its ``--exclude``): export it to
     ``RUN/artifact``, segment the case with the inference path, Dice per level and of all discs."""
-    from discgeo.io import read_labels, read_volume
-    from discgeo.segmentation import Segmenter, dice_per_level
+    from discgeo.segmentation import Segmenter
 
     rows = []
     for run in runs:
         state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
         if not (run / "artifact" / "metadata.json").exists():
-            export(run, run / "artifact")
+            export(run, run / "artifact", score=False)
         segmenter = Segmenter.from_artifact(run / "artifact")
         for case in state["exclude"]:
-            truth = read_labels(SHARED / f"{case}_discs.nii.gz")
-            predicted = segmenter.predict(read_volume(SHARED / f"{case}.nii.gz"))
-            per_level = dice_per_level(predicted, truth)
-            a, b = np.asarray(predicted.canonical().array) > 0, np.asarray(truth.canonical().array) > 0
-            rows.append(
-                {
-                    "case": case,
-                    "run": run.name,
-                    "best_epoch": state["epoch"] + 1,
-                    "discs_found": int(sum(r["predicted"] for r in per_level)),
-                    "dice_by_level": {r["level"]: round(r["dice"], 3) for r in per_level},
-                    "mean_dice_per_level": round(float(np.mean([r["dice"] for r in per_level])), 3),
-                    "dice_all_discs": round(dice(a, b), 3),
-                }
-            )
+            row = score_real_case(segmenter, case)
+            rows.append({"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, **row})
             print(json.dumps(rows[-1]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
