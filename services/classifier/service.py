@@ -34,6 +34,7 @@ class Classifier:
         """Narrowing probability for each disc (features by name, or rows in ``features`` order)."""
         with stage_request(STAGE):
             body = NarrowingRequest.model_validate(request)
+            self.model.check_encoder(body.encoder_version)
             if (body.discs is None) == (body.rows is None):
                 raise InvalidDataError("give exactly one of 'discs' (features by name) or 'rows'")
             data = body.discs if body.discs is not None else np.asarray(body.rows, dtype=np.float64)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from discgeo.errors import ArtifactError, InvalidDataError
+from discgeo.errors import ArtifactError, InvalidDataError, ModelMismatchError
 from discgeo.geometry import REFERENCE_FEATURES
 
 MODEL_FILE = "classifier.skops"
@@ -80,6 +80,24 @@ class NarrowingClassifier:
     def version(self) -> str:
         """Artifact version."""
         return str(self.metadata.get("version", "unversioned"))
+
+    @property
+    def encoder_version(self) -> str | None:
+        """Version of the autoencoder whose latents this model was trained on (None: no latents)."""
+        if not any(name.startswith("latent_") for name in self.features):
+            return None
+        value = self.metadata.get("encoder_version")
+        return None if value is None else str(value)
+
+    def check_encoder(self, version: str | None) -> None:
+        """Refuse latents from another autoencoder: a latent code means nothing to a model trained
+        on a different encoder's codes, and the predictions would be silently wrong."""
+        if version is not None and self.encoder_version is not None and version != self.encoder_version:
+            raise ModelMismatchError(
+                f"latent features come from autoencoder {version}, but classifier {self.version} was "
+                f"trained on autoencoder {self.encoder_version}'s latents: retrain the classifier "
+                "(python -m training.classifier) or deploy the matching autoencoder"
+            )
 
     def _matrix(self, rows: np.ndarray | Sequence[Mapping[str, float]]) -> np.ndarray:
         if isinstance(rows, np.ndarray):

@@ -101,6 +101,14 @@ class InvalidDataError(InputError):
     code = "invalid_data"
 
 
+class ModelMismatchError(InputError):
+    """Features come from another model than the one this model was trained on (latents of a
+    different autoencoder)."""
+
+    http_status = 409
+    code = "model_mismatch"
+
+
 class ConfigurationError(DiscgeoError):
     """A DISCGEO_* setting is invalid."""
 

@@ -65,6 +65,7 @@ class LocalStages:
         )
         self.encoder = encoder or Encoder.from_artifact(settings.artifact("autoencoder"), providers=providers)
         self.classifier = classifier or NarrowingClassifier.from_artifact(settings.artifact("classifier"))
+        self.classifier.check_encoder(self.encoder.version)
 
     def segment(self, volume: Volume) -> Volume:
         return self.segmenter.predict(volume)
@@ -228,7 +229,9 @@ class RemoteStages:
         response = self._call(
             "classifier",
             lambda t: self.client.post(
-                self.urls.classifier + "/predict", json={"discs": list(rows)}, timeout=t
+                self.urls.classifier + "/predict",
+                json={"discs": list(rows), "encoder_version": self._versions.get("encoder")},
+                timeout=t,
             ),
         )
         prediction = NarrowingPrediction.model_validate(response.json())

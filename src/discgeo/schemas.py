@@ -66,6 +66,11 @@ class NarrowingRequest(_Model):
 
     discs: list[dict[str, float]] | None = None
     rows: list[list[float]] | None = None
+    encoder_version: str | None = Field(
+        default=None,
+        description="version of the autoencoder that produced the latent features; a classifier "
+        "trained on another autoencoder's latents refuses them (409)",
+    )
 
 
 class NarrowingPrediction(_Model):

@@ -108,6 +108,13 @@ def test_classifier_over_http(classifier_url):
     by_name = [dict(zip(local.features, row, strict=True)) for row in rows.tolist()]
     again = httpx.post(classifier_url + "/predict", json={"discs": by_name}, timeout=30).json()
     assert np.allclose(again["probabilities"], p)
+    # latents of the autoencoder the classifier was trained on are accepted, others refused
+    same = {"rows": rows.tolist(), "encoder_version": local.encoder_version}
+    assert httpx.post(classifier_url + "/predict", json=same, timeout=30).status_code == 200
+    other = {"rows": rows.tolist(), "encoder_version": "0.0.0-other"}
+    refused = httpx.post(classifier_url + "/predict", json=other, timeout=30)
+    assert refused.status_code == 409, refused.text
+    assert "0.0.0-other" in refused.text and str(local.encoder_version) in refused.text
 
 
 @pytest.mark.parametrize(

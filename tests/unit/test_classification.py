@@ -7,7 +7,7 @@ import pytest
 
 from discgeo.analysis import FeatureTable, bootstrap_ci, compare_feature_sets, cross_validate, verdict
 from discgeo.classification import NarrowingClassifier, feature_sets, make_model
-from discgeo.errors import ArtifactError, InvalidDataError
+from discgeo.errors import ArtifactError, InvalidDataError, ModelMismatchError
 from discgeo.geometry import REFERENCE_FEATURES
 from discgeo.phantom import make_truth
 
@@ -79,6 +79,28 @@ def test_classifier_roundtrip_and_input_errors(table, tmp_path):
         loaded.predict(np.full((1, len(names)), np.nan))
     with pytest.raises(InvalidDataError, match=r"\[N, 10\]"):
         loaded.predict(np.zeros((1, 3)))
+    assert loaded.encoder_version is None  # no encoder recorded: nothing to check
+    loaded.check_encoder("any")
     (tmp_path / "clf" / "classifier.skops").write_bytes(b"tampered")
     with pytest.raises(ArtifactError, match="sha256"):
         NarrowingClassifier.from_artifact(tmp_path / "clf")
+
+
+def test_classifier_refuses_latents_of_another_encoder(table):
+    names = feature_sets(4)
+    x = table.matrix(names["combined"])
+    combined = NarrowingClassifier(
+        make_model("logistic").fit(x, table.y), names["combined"], metadata={"encoder_version": "b4-e21"}
+    )
+    assert combined.encoder_version == "b4-e21"
+    combined.check_encoder("b4-e21")
+    combined.check_encoder(None)  # version unknown (e.g. an older client): not refused
+    expected = r"autoencoder b4-e90.*trained on autoencoder b4-e21"
+    with pytest.raises(ModelMismatchError, match=expected) as info:
+        combined.check_encoder("b4-e90")
+    assert info.value.http_status == 409
+    x = table.matrix(names["geometric"])
+    geometric = NarrowingClassifier(
+        make_model("logistic").fit(x, table.y), names["geometric"], metadata={"encoder_version": "b4-e21"}
+    )
+    geometric.check_encoder("b4-e90")  # no latent features: any encoder will do

@@ -16,6 +16,7 @@ from discgeo.classification import NarrowingClassifier
 from discgeo.cli import main
 from discgeo.config import Settings
 from discgeo.encoding import Encoder
+from discgeo.errors import ModelMismatchError
 from discgeo.io import read_labels
 from discgeo.io.dicom import read_dicom_study, write_dicom_series
 from discgeo.io.outputs import write_outputs
@@ -107,3 +108,17 @@ def test_run_cli_on_a_nifti_batch(stages, tmp_path, capsys, monkeypatch, thresho
         data = json.loads((tmp_path / "out" / f"study{index}" / "results.json").read_text())
         assert data["discs"][0]["level"] == "L5-S1"
         assert not (tmp_path / "out" / f"study{index}" / "seg.dcm").exists()  # NIfTI input: no DICOM sources
+
+
+def test_local_stages_refuse_a_classifier_of_another_encoder(threshold_segmenter_artifact):
+    settings = Settings.from_env()
+    encoder = Encoder.from_artifact(settings.artifact("autoencoder"))
+    classifier = NarrowingClassifier.from_artifact(settings.artifact("classifier"))
+    assert classifier.encoder_version == encoder.version  # the shipped pair matches
+    classifier.metadata["encoder_version"] = "0.0.0-other"
+    with pytest.raises(ModelMismatchError, match=f"autoencoder {encoder.version}"):
+        LocalStages(
+            segmenter=Segmenter.from_artifact(threshold_segmenter_artifact),
+            encoder=encoder,
+            classifier=classifier,
+        )
