@@ -51,9 +51,13 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(history) == 3
     assert history[-1]["loss"] < history[0]["loss"]
+    # resumed at a lower learning rate (step decay); the schedule is recorded
+    train(data, run, bottleneck=4, epochs=4, batch=3, seed=0, threads=2, max_minutes=10, lr=1e-4)
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["lr"] == 1e-4
 
     metadata = export(run, tmp_path / "artifact", data=data)
     assert metadata["training"]["precision"] == "bf16"
+    assert metadata["training"]["optimiser"] == "Adam, lr 0.001 for epochs 1-3, 0.0001 for epochs 4-4"
     quality = metadata["metrics"]["quality_float32"]
     assert quality["train"]["discs"] == 6 and quality["held_out"]["discs"] == 2
     assert quality["held_out_real"]["cases"] == ["case-25"]
