@@ -458,7 +458,7 @@ def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
     lines = [
         "# Segmenter: leave-one-case-out on the real T2 cases",
         "",
-        f"`python -m training.segmenter loo --runs {' '.join(str(r.relative_to(ROOT)) for r in runs)}`: "
+        f"`python -m training.segmenter loo --runs {' '.join(str(r) for r in runs)}`: "
         "each model never saw its case; the full inference path (ONNX Runtime, post-processing, levels).",
         "",
         "| held-out case | model (run, best epoch) | discs found | Dice per level | mean Dice per level "
