@@ -451,7 +451,10 @@ def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
         segmenter = Segmenter.from_artifact(run / "artifact")
         for case in state["exclude"]:
             row = score_real_case(segmenter, case)
-            rows.append({"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, **row})
+            recipe = f"real weight {state.get('real_weight', 1)}, {state.get('precision', 'fp32')}"
+            rows.append(
+                {"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, "recipe": recipe, **row}
+            )
             print(json.dumps(rows[-1]), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
@@ -461,15 +464,15 @@ def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
         f"`python -m training.segmenter loo --runs {' '.join(str(r) for r in runs)}`: "
         "each model never saw its case; the full inference path (ONNX Runtime, post-processing, levels).",
         "",
-        "| held-out case | model (run, best epoch) | discs found | Dice per level | mean Dice per level "
-        "| Dice of all discs |",
+        "| held-out case | model (run, best epoch; recipe) | discs found | Dice per level "
+        "| mean Dice per level | Dice of all discs |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         levels = ", ".join(f"{k} {v}" for k, v in r["dice_by_level"].items())
         lines.append(
-            f"| {r['case']} | {r['run']}, e{r['best_epoch']} | {r['discs_found']} | {levels} | "
-            f"{r['mean_dice_per_level']} | {r['dice_all_discs']} |"
+            f"| {r['case']} | {r['run']}, e{r['best_epoch']}; {r['recipe']} | {r['discs_found']} "
+            f"| {levels} | {r['mean_dice_per_level']} | {r['dice_all_discs']} |"
         )
     mean = float(np.mean([r["mean_dice_per_level"] for r in rows]))
     lines += ["", f"Mean over the held-out cases: {mean:.3f} (goal 0.85)."]
