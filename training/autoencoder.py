@@ -433,7 +433,7 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
     metadata = {
         "kind": "autoencoder",
         "name": "discgeo-disc-autoencoder",
-        "version": f"0.1.0-b{bottleneck}-e{state['epoch'] + 1}",
+        "version": f"0.2.0-b{bottleneck}-e{state['epoch'] + 1}",
         "latent_dim": bottleneck,
         "crop_size": CROP_SIZE,
         "crop_spacing_mm": CROP_SPACING_MM,

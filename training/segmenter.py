@@ -350,7 +350,7 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
-        "version": f"0.1.0-{state['config']}-e{state['epoch'] + 1}",
+        "version": f"0.2.0-{state['config']}-rw{state.get('real_weight', 1)}-e{state['epoch'] + 1}",
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
         "roi": list(config["roi"]),
