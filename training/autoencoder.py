@@ -344,6 +344,33 @@ def lr_schedule(history: list[dict[str, Any]]) -> str:
     return "lr " + ", ".join(f"{rate:g} for epochs {first}-{last}" for rate, first, last in parts)
 
 
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Learning curve: train and held-out IoU per epoch (training precision), learning-rate changes
+    marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(epochs, [h["train_iou"] for h in history], label="train discs")
+    ax.plot(epochs, [h["held_out_iou"] for h in history], label="held-out patients")
+    rates = [h.get("lr", 1e-3) for h in history]
+    for i in range(1, len(rates)):
+        if rates[i] != rates[i - 1]:
+            ax.axvline(epochs[i], color="grey", linestyle=":")
+            ax.text(epochs[i], 0.52, f" lr {rates[i]:g}", color="grey", fontsize=8)
+    ax.axhline(STOP_IOU, color="black", linewidth=0.8, linestyle="--", label=f"stop at {STOP_IOU}")
+    ax.set(xlabel="epoch", ylabel="reconstruction IoU", ylim=(0.5, 1.0), title="Disc autoencoder training")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _order(n: int, epoch: int, start: int, batch: int) -> np.ndarray:
     """Indices of one mini-batch: a fixed permutation per epoch, sliced."""
     perm = np.random.default_rng([epoch, n]).permutation(n)  # resumable: depends on the epoch only
@@ -399,8 +426,9 @@ def export_onnx(
     }
 
 
-def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
-    """Export the last checkpoint, check parity with torch, write metadata.json."""
+def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None = None) -> dict[str, Any]:
+    """Export the last checkpoint, check parity with torch, write metadata.json (and the learning
+    curve to ``curve`` when given)."""
     from discgeo.artifacts import write_artifact
 
     state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
@@ -467,6 +495,8 @@ def export(run: Path, out: Path, *, data: Path | None = None) -> dict[str, Any]:
     if SWEEP_TABLE.exists():  # the bottleneck comparison travels with the model it informed
         metadata["metrics"]["bottleneck_sweep"] = json.loads(SWEEP_TABLE.read_text())
     write_artifact(out, metadata)
+    if curve is not None:
+        plot_history(history, curve)
     return metadata
 
 
@@ -513,6 +543,7 @@ def main() -> None:
     e.add_argument("--run", type=Path, default=ROOT / "build" / "ae-run")
     e.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
     e.add_argument("--out", type=Path, default=ROOT / "models" / "autoencoder")
+    e.add_argument("--curve", type=Path, default=ROOT / "training" / "results" / "autoencoder-curve.png")
     args = parser.parse_args()
     if args.command == "data":
         build_data(args.out, phantoms=args.phantoms, seed=args.seed)
@@ -541,7 +572,7 @@ def main() -> None:
             threads=args.threads,
         )
     else:
-        export(args.run, args.out, data=args.data)
+        export(args.run, args.out, data=args.data, curve=args.curve)
 
 
 if __name__ == "__main__":

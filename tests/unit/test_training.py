@@ -55,7 +55,8 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     train(data, run, bottleneck=4, epochs=4, batch=3, seed=0, threads=2, max_minutes=10, lr=1e-4)
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["lr"] == 1e-4
 
-    metadata = export(run, tmp_path / "artifact", data=data)
+    metadata = export(run, tmp_path / "artifact", data=data, curve=tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert metadata["training"]["precision"] == "bf16"
     assert metadata["training"]["optimiser"] == "Adam, lr 0.001 for epochs 1-3, 0.0001 for epochs 4-4"
     quality = metadata["metrics"]["quality_float32"]
