@@ -94,7 +94,7 @@ train-autoencoder: setup
 
 train-segmenter: setup
 	$(PY) -m training.segmenter data --out $(BUILD)/seg-data --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
-	$(PY) -m training.segmenter train --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu)
+	$(PY) -m training.segmenter train --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu) --real-weight 5
 	$(PY) -m training.segmenter export --run $(BUILD)/seg-run --out models/segmenter
 
 train-classifier: setup
