@@ -438,9 +438,12 @@ def score_artifact(folder: Path, *, excluded: list[str]) -> dict[str, Any]:
     return {"held_out_phantoms_per_disc": phantoms, "real_t2_cases": real}
 
 
-def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
+def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) -> list[dict[str, Any]]:
     """Score each run's model on the real cases it never saw (its ``--exclude``): export it to
-    ``RUN/artifact``, segment the case with the inference path, Dice per level and of all discs."""
+    ``RUN/artifact``, segment the case with the inference path, Dice per level and of all discs.
+    With ``artifact``, the table is also recorded in that artifact's metadata (the model trained
+    with the same recipe on all cases)."""
+    from discgeo.artifacts import load_artifact, write_artifact
     from discgeo.segmentation import Segmenter
 
     rows = []
@@ -477,6 +480,10 @@ def leave_one_out(runs: list[Path], out: Path) -> list[dict[str, Any]]:
     mean = float(np.mean([r["mean_dice_per_level"] for r in rows]))
     lines += ["", f"Mean over the held-out cases: {mean:.3f} (goal 0.85)."]
     out.write_text("\n".join(lines) + "\n")
+    if artifact is not None:
+        folder, metadata = load_artifact(artifact, kind="segmenter")
+        metadata["metrics"]["leave_one_case_out"] = {"mean_dice_per_level": round(mean, 3), "cases": rows}
+        write_artifact(folder, metadata)
     print("\n".join(lines))
     return rows
 
@@ -517,6 +524,7 @@ def main() -> None:
     lo = sub.add_parser("loo", help="score runs on the real cases they excluded")
     lo.add_argument("--runs", type=Path, nargs="+", required=True)
     lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
+    lo.add_argument("--artifact", type=Path, help="also record the table in this artifact's metadata")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
     e.add_argument("--out", type=Path, default=ROOT / "models" / "segmenter")
@@ -540,7 +548,7 @@ def main() -> None:
             precision=args.precision,
         )
     elif args.command == "loo":
-        leave_one_out(args.runs, args.out)
+        leave_one_out(args.runs, args.out, artifact=args.artifact)
     else:
         export(args.run, args.out)
 
