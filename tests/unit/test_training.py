@@ -67,3 +67,29 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     recon = encoder.decode(encoder.encode(crops[:6])) >= 0.5
     assert quality["train"]["mean_iou"] == pytest.approx(float(iou(recon, crops[:6]).mean()), abs=2e-3)
     assert metadata["metrics"]["train_iou"] == quality["train"]["mean_iou"]
+
+
+def test_real_case_scoring_leaves_levels_beyond_the_masks_out_of_the_headline():
+    from training.segmenter import SHARED, score_real_case
+
+    from discgeo.io import read_labels
+
+    truth = read_labels(SHARED / "case-20_discs.nii.gz")
+
+    class ReferencePlusDiscAbove:
+        """Predicts the manual masks exactly, plus a disc 36 mm above the top one (as T12-L1)."""
+
+        def predict(self, volume):
+            canonical = truth.canonical()
+            array = np.asarray(canonical.array).copy()
+            assert canonical.affine[2, 2] > 0  # RAS+: axis 2 runs superior
+            top = np.argwhere(array == 5) + np.array([0, 0, 36])
+            array[tuple(top.T)] = 6
+            return canonical.with_array(array)
+
+    row = score_real_case(ReferencePlusDiscAbove(), "case-20")
+    assert row["discs_found"] == 6
+    assert row["levels_beyond_reference"] == ["T12-L1"]
+    assert row["mean_dice_reference_levels"] == 1.0
+    assert row["mean_dice_per_level"] == pytest.approx(5 / 6, abs=1e-3)
+    assert row["dice_all_discs"] < 1.0
