@@ -2,8 +2,10 @@
 
     python -m training.segmenter data   --out build/seg-data --phantoms 60 [--spider /path/to/SPIDER]
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|gpu]
+                                        [--real-weight 5] [--exclude case-NN] [--precision bf16|fp32]
     python -m training.segmenter export --run build/seg-run --out models/segmenter
-    python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 build/seg-run
+    python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 \
+                                               build/seg-loo-case-25 [--artifact models/segmenter]
 
 Configurations
 --------------
