@@ -332,16 +332,18 @@ def sweep(
     return rows
 
 
+def _lr(record: dict[str, Any]) -> float:
+    """Learning rate of one logged epoch (runs before the option existed used 1e-3 throughout)."""
+    return float(record.get("lr", 1e-3))
+
+
 def lr_schedule(history: list[dict[str, Any]]) -> str:
     """The learning rates of a run as text, e.g. 'lr 0.001 for epochs 1-60, 0.0001 for epochs 61-80'."""
-    parts: list[list[Any]] = []
-    for h in history:
-        rate = h.get("lr", 1e-3)  # runs before the option existed used 1e-3 throughout
-        if parts and parts[-1][0] == rate:
-            parts[-1][2] = h["epoch"] + 1
-        else:
-            parts.append([rate, h["epoch"] + 1, h["epoch"] + 1])
-    return "lr " + ", ".join(f"{rate:g} for epochs {first}-{last}" for rate, first, last in parts)
+    parts = []
+    for rate, group in itertools.groupby(history, key=_lr):
+        epochs = [h["epoch"] + 1 for h in group]
+        parts.append(f"{rate:g} for epochs {epochs[0]}-{epochs[-1]}")
+    return "lr " + ", ".join(parts)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
@@ -356,7 +358,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(epochs, [h["train_iou"] for h in history], label="train discs")
     ax.plot(epochs, [h["held_out_iou"] for h in history], label="held-out patients")
-    rates = [h.get("lr", 1e-3) for h in history]
+    rates = [_lr(h) for h in history]
     for i in range(1, len(rates)):
         if rates[i] != rates[i - 1]:
             ax.axvline(epochs[i], color="grey", linestyle=":")
@@ -441,7 +443,8 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
     print(json.dumps(parity))
     history = state["history"]
     quality: dict[str, Any] = {}
-    if crops is not None:  # the shipped figures: float32, every disc of each set
+    if crops is not None:  # the shipped figures: float32, every disc once, summarised per set
+        every = evaluate(encoder, decoder, crops)
         sets = {
             "train": ~held,
             "held_out": held,
@@ -449,7 +452,7 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
             "held_out_real": held & (sources == "real"),
         }
         for name, chosen in sets.items():
-            scores = evaluate(encoder, decoder, crops[chosen])
+            scores = every[chosen]
             quality[name] = {
                 "discs": int(chosen.sum()),
                 "mean_iou": round(float(scores.mean()), 4),
