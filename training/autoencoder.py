@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from discgeo.encoding import CROP_SIZE, CROP_SPACING_MM, disc_crops, iou
-from training.torchrun import autocast, device
+from training.torchrun import autocast, device, logged_lr, lr_schedule, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
 REAL_CASES = ("case-11", "case-20", "case-25")
 CHANNELS = (32, 64, 128, 256, 512)
 STOP_IOU = 0.995
+DEFAULT_LR = 1e-3  # Adam, as in the study
 SWEEP_TABLE = ROOT / "training" / "results" / "autoencoder-sweep.json"
 
 
@@ -184,7 +185,7 @@ def train(
     max_minutes: float,
     loss: str = "bce+dice",
     precision: str = "bf16",
-    lr: float = 1e-3,
+    lr: float = DEFAULT_LR,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -212,8 +213,7 @@ def train(
         encoder.load_state_dict(state["encoder"])
         decoder.load_state_dict(state["decoder"])
         optimiser.load_state_dict(state["optimiser"])
-        for group in optimiser.param_groups:  # a resumed run may continue at another rate (step decay)
-            group["lr"] = lr
+        set_lr(optimiser, lr)
         start_epoch, history = state["epoch"] + 1, state["history"]
         torch.set_rng_state(state["rng"].cpu())
         print(f"resumed at epoch {start_epoch}")
@@ -332,20 +332,6 @@ def sweep(
     return rows
 
 
-def _lr(record: dict[str, Any]) -> float:
-    """Learning rate of one logged epoch (runs before the option existed used 1e-3 throughout)."""
-    return float(record.get("lr", 1e-3))
-
-
-def lr_schedule(history: list[dict[str, Any]]) -> str:
-    """The learning rates of a run as text, e.g. 'lr 0.001 for epochs 1-60, 0.0001 for epochs 61-80'."""
-    parts = []
-    for rate, group in itertools.groupby(history, key=_lr):
-        epochs = [h["epoch"] + 1 for h in group]
-        parts.append(f"{rate:g} for epochs {epochs[0]}-{epochs[-1]}")
-    return "lr " + ", ".join(parts)
-
-
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     """Learning curve: train and held-out IoU per epoch (training precision), learning-rate changes
     marked."""
@@ -358,7 +344,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(epochs, [h["train_iou"] for h in history], label="train discs")
     ax.plot(epochs, [h["held_out_iou"] for h in history], label="held-out patients")
-    rates = [_lr(h) for h in history]
+    rates = [logged_lr(h, DEFAULT_LR) for h in history]
     for i in range(1, len(rates)):
         if rates[i] != rates[i - 1]:
             ax.axvline(epochs[i], color="grey", linestyle=":")
@@ -481,7 +467,7 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
             "seed": state["seed"],
             "epochs": state["epoch"] + 1,
             "stop_iou": STOP_IOU,
-            "optimiser": "Adam, " + lr_schedule(history),
+            "optimiser": "Adam, " + lr_schedule(history, DEFAULT_LR),
             "loss": state.get("loss", "bce"),
             "precision": state.get("precision", "fp32"),
             "data": json.loads((data / "summary.json").read_text()) if data else None,
@@ -527,7 +513,9 @@ def main() -> None:
         default="bce+dice",
         help="bce = the reference study; bce+dice converges in far fewer epochs on CPU",
     )
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (also on resume: step decay)")
+    t.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help="Adam learning rate (also on resume: step decay)"
+    )
     t.add_argument(
         "--precision",
         choices=("bf16", "fp32"),

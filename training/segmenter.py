@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from discgeo.segmentation import normalise, resample, sliding_window
-from training.torchrun import autocast, device
+from training.torchrun import autocast, device, lr_schedule, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
@@ -222,19 +222,21 @@ def train(
     steps_per_epoch: int,
     real_weight: int = 1,
     precision: str = "bf16",
+    lr: float | None = None,
 ) -> dict[str, Any]:
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     config = CONFIGS[config_name]
+    lr = config["lr"] if lr is None else lr
     index = json.loads((data / "index.json").read_text())
     train_names, val_names = _split(index, exclude, seed)
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
     repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
     model = build_model(config).to(device())
     print(f"training on {device()}")
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     transforms = _transforms(config, seed)
     run.mkdir(parents=True, exist_ok=True)
@@ -243,6 +245,7 @@ def train(
         state = torch.load(run / "last.pt", weights_only=False, map_location=device())
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
+        set_lr(optimiser, lr)
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
         print(f"resumed at epoch {start}")
     started = time.monotonic()
@@ -280,6 +283,7 @@ def train(
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "val_dice": float(np.mean(scores)),
+            "lr": lr,
             "seconds": round(time.monotonic() - t0, 1),
         }
         history.append(record)
@@ -352,7 +356,7 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
-        "version": f"0.2.0-{state['config']}-rw{state.get('real_weight', 1)}-e{state['epoch'] + 1}",
+        "version": f"0.3.0-{state['config']}-rw{state.get('real_weight', 1)}-e{state['epoch'] + 1}",
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
         "roi": list(config["roi"]),
@@ -367,6 +371,7 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
             "excluded": state["exclude"],
             "real_weight": state.get("real_weight", 1),
             "precision": state.get("precision", "fp32"),
+            "optimiser": "AdamW, " + lr_schedule(state["history"], config["lr"]),
             "train_cases": len(state["train"]),
             "validation_cases": state["validation"],
             "command": "python -m training.segmenter data/train/export (see training/segmenter.py)",
@@ -465,7 +470,10 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
         segmenter = Segmenter.from_artifact(run / "artifact")
         for case in state["exclude"]:
             row = score_real_case(segmenter, case)
-            recipe = f"real weight {state.get('real_weight', 1)}, {state.get('precision', 'fp32')}"
+            recipe = (
+                f"real weight {state.get('real_weight', 1)}, {state.get('precision', 'fp32')}, "
+                + lr_schedule(state["history"], CONFIGS[state["config"]]["lr"])
+            )
             rows.append(
                 {"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, "recipe": recipe, **row}
             )
@@ -548,6 +556,11 @@ def main() -> None:
         default="bf16",
         help="bf16 autocast for training steps (float32 weights, validation and export)",
     )
+    t.add_argument(
+        "--lr",
+        type=float,
+        help="AdamW learning rate (default: the configuration's); also applied on resume (step decay)",
+    )
     lo = sub.add_parser("loo", help="score runs on the real cases they excluded")
     lo.add_argument("--runs", type=Path, nargs="+", required=True)
     lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
@@ -573,6 +586,7 @@ def main() -> None:
             steps_per_epoch=args.steps_per_epoch,
             real_weight=args.real_weight,
             precision=args.precision,
+            lr=args.lr,
         )
     elif args.command == "loo":
         leave_one_out(args.runs, args.out, artifact=args.artifact)

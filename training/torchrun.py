@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import torch
 
 
@@ -18,3 +21,23 @@ def autocast(precision: str) -> torch.autocast:
     step (batch 16) 1.05 -> 0.80 s.
     """
     return torch.autocast(device().type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def set_lr(optimiser: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's rate: a resumed run may continue at another rate (step decay)."""
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+
+
+def logged_lr(record: dict[str, Any], default: float) -> float:
+    """Learning rate of one logged epoch (``default`` for records written before rates were logged)."""
+    return float(record.get("lr", default))
+
+
+def lr_schedule(history: list[dict[str, Any]], default: float) -> str:
+    """The learning rates of a run as text, e.g. 'lr 0.001 for epochs 1-60, 0.0001 for epochs 61-80'."""
+    parts = []
+    for rate, group in itertools.groupby(history, key=lambda h: logged_lr(h, default)):
+        epochs = [h["epoch"] + 1 for h in group]
+        parts.append(f"{rate:g} for epochs {epochs[0]}-{epochs[-1]}")
+    return "lr " + ", ".join(parts)
