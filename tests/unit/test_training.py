@@ -1,5 +1,5 @@
-"""Training loops on tiny data: oversampling of real cases, mixed precision, the float32 figures
-written into the autoencoder artifact."""
+"""Training loops on tiny data: oversampling of real cases, mixed precision, step decay on resume,
+the figures written into the exported artifacts."""
 
 from __future__ import annotations
 
@@ -24,6 +24,40 @@ def test_segmenter_epoch_items_repeat_real_cases():
     assert len(items) == 5 + 4 * 4
     assert from_real == 16
     assert all(item["image"].shape == (1, 8, 8) for item in items)
+
+
+def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
+    from training.segmenter import export, train
+
+    from discgeo.segmentation import Segmenter
+    from discgeo.volume import Volume
+
+    # four tiny "phantoms": a bright slab (the disc) in dark slices; two are kept for validation
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = []
+    for i in range(4):
+        image = np.full((3, 40, 40), 0.1, np.float16)
+        labels = np.zeros((3, 40, 40), np.uint8)
+        labels[:, 16 + i : 22 + i, 8:32] = 1
+        image[labels == 1] = 0.9
+        np.savez_compressed(data / f"phantom-0-{i}.npz", image=image, labels=labels)
+        cases.append({"name": f"phantom-0-{i}", "source": "phantom"})
+    (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": cases}))
+    run = tmp_path / "run"
+    common = {"config_name": "cpu", "seed": 0, "threads": 2, "max_minutes": 10, "exclude": []}
+    train(data, run, epochs=1, steps_per_epoch=1, **common)
+    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, **common)
+    history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in history] == [3e-4, 3e-5]
+
+    metadata = export(run, tmp_path / "artifact", score=False)
+    assert metadata["training"]["optimiser"].startswith("AdamW, lr 0.0003 for epochs 1-")
+    assert metadata["version"] == f"0.3.0-cpu-rw1-e{metadata['training']['epochs']}"
+    assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
+    segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
+    probability = segmenter.disc_probability(Volume(np.zeros((2, 40, 40), np.float32), np.eye(4)))
+    assert probability.shape == (2, 40, 40) and np.all((probability >= 0) & (probability <= 1))
 
 
 def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
