@@ -92,9 +92,13 @@ train-autoencoder: setup
 	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
 
+# segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5
+SEG_TRAIN = --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu) --real-weight 5
 train-segmenter: setup
 	$(PY) -m training.segmenter data --out $(BUILD)/seg-data --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
-	$(PY) -m training.segmenter train --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu) --real-weight 5
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 16
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 32 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 40 --lr 3e-5
 	$(PY) -m training.segmenter export --run $(BUILD)/seg-run --out models/segmenter
 
 train-classifier: setup

@@ -23,6 +23,17 @@ def _query(url: str, expr: str) -> float:
     return sum(float(item["value"][1]) for item in body["data"]["result"])
 
 
+def _settled(url: str, expr: str, *, at_least: float, timeout_s: float = 30.0) -> float:
+    """The value once it reaches ``at_least`` (or the last value at the deadline): each target is
+    scraped on its own 5 s cycle, so a stage's counter can show up a scrape after the gateway's."""
+    deadline = time.monotonic() + timeout_s
+    value = _query(url, expr)
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(1)
+        value = _query(url, expr)
+    return value
+
+
 def test_prometheus_sees_discgeo_metrics(tmp_path_factory, threshold_segmenter_artifact):
     root = tmp_path_factory.mktemp("stack")
     dicom_port = free_port()
@@ -43,16 +54,15 @@ def test_prometheus_sees_discgeo_metrics(tmp_path_factory, threshold_segmenter_a
                 check=True,
                 capture_output=True,
             )
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and _query(prom, "discgeo_studies_processed_total") < 1:
-                time.sleep(1)
-            assert _query(prom, "discgeo_studies_processed_total") == 1
+            assert _settled(prom, "discgeo_studies_processed_total", at_least=1, timeout_s=120) == 1
             assert _query(prom, 'discgeo_gateway_jobs_total{outcome="done"}') == 1
             discs = len(case.truth["discs"])
             for stage in ("segmenter", "geometry", "encoder", "classifier"):
-                assert _query(prom, f'discgeo_requests_total{{stage="{stage}",outcome="ok"}}') >= 1, stage
-                assert _query(prom, f'discgeo_stage_seconds_count{{stage="{stage}"}}') >= 1, stage
-            assert _query(prom, 'discgeo_discs_processed_total{stage="geometry"}') == discs
+                ok = f'discgeo_requests_total{{stage="{stage}",outcome="ok"}}'
+                timed = f'discgeo_stage_seconds_count{{stage="{stage}"}}'
+                assert _settled(prom, ok, at_least=1) >= 1, stage
+                assert _settled(prom, timed, at_least=1) >= 1, stage
+            assert _settled(prom, 'discgeo_discs_processed_total{stage="geometry"}', at_least=discs) == discs
             assert _query(prom, "discgeo_gateway_queue_depth") == 0
             assert _query(prom, "bentoml_service_request_total") > 0
             assert _query(prom, 'up{job="discgeo"}') == len(targets)
