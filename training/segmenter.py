@@ -346,6 +346,15 @@ def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: Path) -> f
     return parity
 
 
+def _recipe(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training recipe (defaults for runs saved before each option existed)."""
+    return {
+        "real_weight": state.get("real_weight", 1),
+        "precision": state.get("precision", "fp32"),
+        "optimiser": "AdamW, " + lr_schedule(state["history"], CONFIGS[state["config"]]["lr"]),
+    }
+
+
 def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     """Export best.pt to ONNX, check parity with torch, write metadata.json (with
     :func:`score_artifact`'s figures unless ``score`` is False)."""
@@ -356,10 +365,11 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     model = build_model(config)
     model.load_state_dict(state["model"])
     parity = export_onnx(model, config, out / "segmenter.onnx")
+    recipe = _recipe(state)
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
-        "version": f"0.3.0-{state['config']}-rw{state.get('real_weight', 1)}-e{state['epoch'] + 1}",
+        "version": f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}",
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
         "roi": list(config["roi"]),
@@ -372,9 +382,7 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
             "seed": state["seed"],
             "epochs": state["epoch"] + 1,
             "excluded": state["exclude"],
-            "real_weight": state.get("real_weight", 1),
-            "precision": state.get("precision", "fp32"),
-            "optimiser": "AdamW, " + lr_schedule(state["history"], config["lr"]),
+            **recipe,
             "train_cases": len(state["train"]),
             "validation_cases": state["validation"],
             "command": "python -m training.segmenter data/train/export (see training/segmenter.py)",
@@ -473,10 +481,8 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
         segmenter = Segmenter.from_artifact(run / "artifact")
         for case in state["exclude"]:
             row = score_real_case(segmenter, case)
-            recipe = (
-                f"real weight {state.get('real_weight', 1)}, {state.get('precision', 'fp32')}, "
-                + lr_schedule(state["history"], CONFIGS[state["config"]]["lr"])
-            )
+            facts = _recipe(state)
+            recipe = f"real weight {facts['real_weight']}, {facts['precision']}, {facts['optimiser']}"
             rows.append(
                 {"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, "recipe": recipe, **row}
             )
