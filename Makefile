@@ -92,14 +92,17 @@ train-autoencoder: setup
 	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
 
-# segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5
-SEG_TRAIN = --data $(BUILD)/seg-data --run $(BUILD)/seg-run --config $(or $(CONFIG),cpu) --real-weight 5
+# segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5.
+# CONFIG=gpu (3D, feature size 48: a ~290 MB model, too large for models/) exports to build/segmenter-gpu.
+SEG_CONFIG = $(or $(CONFIG),cpu)
+SEG_TRAIN = --data $(BUILD)/seg-data-$(SEG_CONFIG) --run $(BUILD)/seg-run-$(SEG_CONFIG) --config $(SEG_CONFIG) --real-weight 5
+SEG_OUT = $(if $(filter cpu,$(SEG_CONFIG)),models/segmenter,$(BUILD)/segmenter-$(SEG_CONFIG))
 train-segmenter: setup
-	$(PY) -m training.segmenter data --out $(BUILD)/seg-data --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
+	$(PY) -m training.segmenter data --out $(BUILD)/seg-data-$(SEG_CONFIG) --config $(SEG_CONFIG) --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 16
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 32 --lr 1e-4
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 40 --lr 3e-5
-	$(PY) -m training.segmenter export --run $(BUILD)/seg-run --out models/segmenter
+	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG) --out $(SEG_OUT)
 
 train-classifier: setup
 	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024

@@ -14,7 +14,11 @@ Configurations
 random 128 x 128 patches. A 2D model sees every sagittal slice as an independent image, which on two
 CPU cores trains about an order of magnitude more patches per second than 3D windows; slice
 thickness of lumbar protocols (3-4.5 mm) carries little through-plane context anyway.
-``gpu``: 3D SwinUNETR-V2, feature_size 48 (the reference study's), 1.0 mm isotropic, 96^3 patches.
+``gpu``: 3D SwinUNETR-V2, feature_size 48 (the reference study's), 1.0 mm isotropic, 96^3 patches;
+72.8 M parameters, a ~290 MB ONNX file: too large to ship in ``models/`` (kept under
+:data:`SHIPPED_LIMIT_MB`), so ``make train-segmenter CONFIG=gpu`` exports it to ``build/segmenter-gpu``.
+Data are prepared for one configuration (``data --config``); ``train`` refuses data or a checkpoint of
+another.
 
 Data: phantom studies (T1- and T2-like, generated here), the real shared T2 cases (manual disc
 masks; ``--exclude case-NN`` leaves one out for leave-one-case-out testing) and, with ``--spider``,
@@ -43,6 +47,7 @@ from training.torchrun import autocast, device, lr_schedule, set_lr
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
 REAL_CASES = ("case-11", "case-20", "case-25")
+SHIPPED_LIMIT_MB = 40  # models/segmenter stays this small (the 3D feature-size-48 model is ~290 MB)
 CONFIGS: dict[str, dict[str, Any]] = {
     "cpu": {
         "dims": 2,
@@ -234,6 +239,11 @@ def train(
     config = CONFIGS[config_name]
     lr = config["lr"] if lr is None else lr
     index = json.loads((data / "index.json").read_text())
+    if index.get("config") != config_name:
+        raise SystemExit(
+            f"{data} holds data prepared for the '{index.get('config')}' configuration, not '{config_name}': "
+            f"rebuild it with `python -m training.segmenter data --config {config_name} --out {data}`"
+        )
     train_names, val_names = _split(index, exclude, seed)
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
     repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
@@ -246,6 +256,11 @@ def train(
     start, history, best = 0, [], -1.0
     if (run / "last.pt").exists():
         state = torch.load(run / "last.pt", weights_only=False, map_location=device())
+        if state["config"] != config_name:
+            raise SystemExit(
+                f"{run} holds a '{state['config']}' run, not '{config_name}': resume it with "
+                f"--config {state['config']} or train into another --run folder"
+            )
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         set_lr(optimiser, lr)
@@ -365,6 +380,12 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     model = build_model(config)
     model.load_state_dict(state["model"])
     parity = export_onnx(model, config, out / "segmenter.onnx")
+    megabytes = (out / "segmenter.onnx").stat().st_size / 1e6
+    if megabytes > SHIPPED_LIMIT_MB:
+        print(
+            f"segmenter.onnx is {megabytes:.0f} MB, over the {SHIPPED_LIMIT_MB} MB kept in models/: serve it "
+            f"from its folder with DISCGEO_SEGMENTER_ARTIFACT={out}"
+        )
     recipe = _recipe(state)
     metadata = {
         "kind": "segmenter",
