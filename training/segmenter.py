@@ -86,8 +86,29 @@ def _prepare(
 ) -> tuple[np.ndarray, np.ndarray]:
     target = config["spacing"]
     x = resample(normalise(image), spacing, target)
-    y = resample((labels > 0).astype(np.float32), spacing, target) >= 0.5
-    return x.astype(np.float16), y.astype(np.uint8)
+    return x.astype(np.float16), resample_mask(labels > 0, spacing, target)
+
+
+def resample_mask(
+    mask: np.ndarray, spacing: tuple[float, ...], target: tuple[float | None, ...]
+) -> np.ndarray:
+    """A binary mask at the model's spacing with its volume kept.
+
+    Linear interpolation gives each new voxel its foreground fraction; the voxels with the largest
+    fractions are kept, as many as the fractions add up to. Thresholding at 0.5 alone inflates a mask
+    when the spacing ratio is an integer (SPIDER's 0.5 mm to 1 mm: every boundary voxel ties at 0.5;
+    +9.5 % disc volume on the real SPIDER mask); ties are broken at random (seeded), not by position.
+    """
+    fraction = resample(mask.astype(np.float32), spacing, target)
+    keep = round(float(fraction.sum()))
+    out = np.zeros(fraction.shape, np.uint8)
+    if keep == 0:
+        return out
+    jitter = np.random.default_rng(0).uniform(0.0, 1e-4, fraction.size).astype(np.float32)
+    key = fraction.ravel() + jitter
+    cut = np.partition(key, key.size - keep)[key.size - keep]
+    out.ravel()[key >= cut] = 1
+    return out
 
 
 def build_data(
@@ -116,10 +137,14 @@ def build_data(
         np.savez_compressed(out / f"{case}.npz", image=x, labels=y)
         index.append({"name": case, "source": "real-t2"})
     if spider is not None:
-        for mask_path in sorted((spider / "masks").glob("*.mha")):
+        masks = sorted((spider / "masks").glob("*.mha"))
+        unpaired = [m.name for m in masks if not (spider / "images" / m.name).is_file()]
+        if len(unpaired) == len(masks):
+            raise SystemExit(f"{spider}: no masks/*.mha with a matching images/*.mha (SPIDER layout)")
+        if unpaired:
+            print(f"SPIDER: {len(unpaired)} of {len(masks)} masks have no image, left out: {unpaired[:5]}")
+        for mask_path in tqdm([m for m in masks if m.name not in unpaired], desc="SPIDER", unit="series"):
             image_path = spider / "images" / mask_path.name
-            if not image_path.is_file():
-                continue
             image = read_volume(image_path)
             labels = read_labels(mask_path)
             x, y = _prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)

@@ -173,3 +173,39 @@ def test_segmenter_3d_configuration_prepares_trains_exports_and_segments(tmp_pat
     volume = Volume(np.full((12, 60, 60), 0.2, np.float32), np.diag([2.0, 1.0, 1.0, 1.0]))
     probability = segmenter.disc_probability(volume)  # resampled to 1 mm, 3D windows, back to 2 mm
     assert probability.shape == (12, 60, 60) and np.all((probability >= 0) & (probability <= 1))
+
+
+def test_segmenter_data_reads_the_spider_layout(tmp_path, spider_dir, capsys):
+    """The real SPIDER mask (3.3 x 0.6 x 0.5 mm, discs 201-207, vertebrae, canal) with an image made on
+    its grid: cached at 1 mm in-plane with the discs alone as foreground, disc volume kept; a mask
+    without its image is reported; a root without any pair is refused."""
+    import SimpleITK as sitk
+    from training.segmenter import build_data
+
+    mask = sitk.ReadImage(str(spider_dir / "masks" / "1_t1.mha"))
+    labels = sitk.GetArrayFromImage(mask)
+    root = tmp_path / "SPIDER"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    intensity = np.where(labels > 200, 900, np.where(labels > 0, 500, 100)).astype(np.int16)
+    image = sitk.GetImageFromArray(intensity)
+    image.CopyInformation(mask)
+    sitk.WriteImage(image, str(root / "images" / "1_t1.mha"))
+    sitk.WriteImage(mask, str(root / "masks" / "1_t1.mha"))
+    sitk.WriteImage(mask, str(root / "masks" / "2_t2.mha"))  # no image for this one
+
+    summary = build_data(tmp_path / "data", phantoms=0, seed=0, config_name="cpu", spider=root)
+    assert "1 of 2 masks have no image, left out" in capsys.readouterr().out
+    assert [c["name"] for c in summary["cases"] if c["source"] == "spider"] == ["spider-1_t1"]
+    cached = np.load(tmp_path / "data" / "spider-1_t1.npz")
+    spacing = np.array(mask.GetSpacing())  # x (sagittal), y, z: the canonical array's axes 0, 1, 2
+    assert cached["labels"].shape == (50, 280, 289)  # sagittal slices kept, 0.625 x 0.5 mm -> ~1 mm
+    disc_mm3 = np.count_nonzero(labels > 200) * float(np.prod(spacing))
+    cached_mm3 = np.count_nonzero(cached["labels"]) * float(np.prod(spacing * [1, 448 / 280, 578 / 289]))
+    assert abs(cached_mm3 / disc_mm3 - 1) < 0.005  # thresholding at 0.5 alone gave +9.5 % here
+    assert set(np.unique(cached["labels"])) == {0, 1}
+    assert cached["image"][cached["labels"] == 1].mean() > 0.9  # the disc intensity, normalised
+
+    (root / "images" / "1_t1.mha").unlink()
+    with pytest.raises(SystemExit, match=r"no masks/\*\.mha with a matching images"):
+        build_data(tmp_path / "none", phantoms=0, seed=0, config_name="cpu", spider=root)
