@@ -9,7 +9,15 @@ import pytest
 from discgeo.cli import main
 from discgeo.io import write_nifti
 from discgeo.phantom import make_case
-from discgeo.segmentation import Segmenter, dice_per_level, resize, sliding_window, split_touching
+from discgeo.segmentation import (
+    Segmenter,
+    binarise,
+    dice_per_level,
+    resample,
+    resize,
+    sliding_window,
+    split_touching,
+)
 from discgeo.volume import Volume
 
 
@@ -36,6 +44,19 @@ def test_resize_maps_voxel_centres():
     up = resize(a, (6, 8))
     assert np.allclose(up[0, 1:-1], np.arange(0.25, 3.0, 0.5))  # half-voxel centre alignment
     assert resize(a, (3, 4)) is a
+
+
+def test_binarise_keeps_the_volume_where_samples_tie_at_one_half():
+    mask = np.zeros((1, 40, 40), np.float32)
+    mask[0, 9:30, 6:27] = 1  # 21 x 21 voxels of 0.5 mm: every boundary sample of the 1 mm grid ties
+    fraction = resample(mask, (1.0, 0.5, 0.5), (None, 1.0, 1.0))
+    assert np.count_nonzero(fraction >= 0.5) == 11 * 11 - 1  # thresholding alone: +9 % area
+    kept = binarise(fraction)
+    assert np.count_nonzero(kept) == round(mask.sum() / 4)  # 110 of 110.25 mm2
+    rows, cols = np.flatnonzero(kept.any(axis=(0, 2))), np.flatnonzero(kept.any(axis=(0, 1)))
+    assert len(rows) * len(cols) == np.count_nonzero(kept)  # a filled rectangle: a tied layer is kept
+    assert sorted([len(rows), len(cols)]) == [10, 11]  # or dropped whole, never speckled
+    assert not binarise(np.zeros((3, 3))).any()
 
 
 def test_split_touching_discs_and_fragments():
