@@ -271,10 +271,19 @@ def train(
 
 
 def sweep(
-    data: Path, runs: Path, out: Path, *, bottlenecks: list[int], epochs: int, batch: int, threads: int
+    data: Path,
+    runs: Path,
+    out: Path,
+    *,
+    bottlenecks: list[int],
+    epochs: int,
+    batch: int,
+    threads: int,
+    artifact: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train one autoencoder per bottleneck with the same epoch budget (each resumable in
-    ``runs/b<N>``) and write the comparison table to ``out`` (markdown) and ``out``.json."""
+    ``runs/b<N>``; a finished run is only read) and write the comparison table to ``out`` (markdown)
+    and ``out``.json, and into ``artifact``'s metadata when given."""
     rows = []
     for bottleneck in bottlenecks:
         run = runs / f"b{bottleneck}"
@@ -292,7 +301,7 @@ def sweep(
         converged = next((h["epoch"] + 1 for h in history if h["train_iou"] > STOP_IOU), None)
         reached = {
             f"epochs_to_{level}": next((h["epoch"] + 1 for h in history if h["train_iou"] >= level), None)
-            for level in (0.8, 0.85)
+            for level in (0.8, 0.85, 0.9)
         }
         last = history[-1]
         rows.append(
@@ -311,8 +320,8 @@ def sweep(
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         "| bottleneck | epochs run | epochs to IoU > 0.995 | epochs to 0.80 | epochs to 0.85 "
-        "| train IoU | held-out IoU | best held-out IoU | s/epoch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| epochs to 0.90 | train IoU | held-out IoU | best held-out IoU | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -321,6 +330,7 @@ def sweep(
             r["epochs_to_converge"] or f"not in {r['epochs_run']}",
             r["epochs_to_0.8"] or "-",
             r["epochs_to_0.85"] or "-",
+            r["epochs_to_0.9"] or "-",
             f"{r['train_iou']:.4f}",
             f"{r['held_out_iou']:.4f}",
             f"{r['best_held_out_iou']:.4f}",
@@ -329,6 +339,12 @@ def sweep(
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if artifact is not None:  # the comparison travels with the model it informed
+        from discgeo.artifacts import load_artifact, write_artifact
+
+        folder, metadata = load_artifact(artifact, kind="autoencoder")
+        metadata["metrics"]["bottleneck_sweep"] = rows
+        write_artifact(folder, metadata)
     return rows
 
 
@@ -450,7 +466,7 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
     metadata = {
         "kind": "autoencoder",
         "name": "discgeo-disc-autoencoder",
-        "version": f"0.2.0-b{bottleneck}-e{state['epoch'] + 1}",
+        "version": f"0.3.0-b{bottleneck}-e{state['epoch'] + 1}",
         "latent_dim": bottleneck,
         "crop_size": CROP_SIZE,
         "crop_spacing_mm": CROP_SPACING_MM,
@@ -530,6 +546,7 @@ def main() -> None:
     w.add_argument("--epochs", type=int, default=12)
     w.add_argument("--batch", type=int, default=8)
     w.add_argument("--threads", type=int, default=2)
+    w.add_argument("--artifact", type=Path, help="also record the table in this artifact's metadata")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "ae-run")
     e.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
@@ -561,6 +578,7 @@ def main() -> None:
             epochs=args.epochs,
             batch=args.batch,
             threads=args.threads,
+            artifact=args.artifact,
         )
     else:
         export(args.run, args.out, data=args.data, curve=args.curve)
