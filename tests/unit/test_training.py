@@ -102,6 +102,30 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     assert quality["train"]["mean_iou"] == pytest.approx(float(iou(recon, crops[:6]).mean()), abs=2e-3)
     assert metadata["metrics"]["train_iou"] == quality["train"]["mean_iou"]
 
+    # bottleneck sweep: a finished run (b4, 4 epochs) is read, not retrained; the table is cut at the
+    # common budget and recorded in the artifact's metadata, which still verifies
+    import shutil
+
+    from training.autoencoder import sweep
+
+    from discgeo.artifacts import load_artifact
+
+    shutil.copytree(run, tmp_path / "sweep" / "b4")
+    rows = sweep(
+        data,
+        tmp_path / "sweep",
+        tmp_path / "sweep.md",
+        bottlenecks=[3, 4],
+        epochs=2,
+        batch=3,
+        threads=2,
+        artifact=tmp_path / "artifact",
+    )
+    assert [(r["bottleneck"], r["epochs_run"]) for r in rows] == [(3, 2), (4, 2)]
+    assert rows[1]["train_iou"] == history[1]["train_iou"]
+    assert (tmp_path / "sweep.md").read_text().count("\n") == 4  # header, rule, two rows
+    assert load_artifact(tmp_path / "artifact", kind="autoencoder")[1]["metrics"]["bottleneck_sweep"] == rows
+
 
 def test_real_case_scoring_leaves_levels_beyond_the_masks_out_of_the_headline():
     from training.segmenter import SHARED, score_real_case
