@@ -543,7 +543,7 @@ def main() -> None:
     w.add_argument("--runs", type=Path, default=ROOT / "build" / "ae-sweep")
     w.add_argument("--out", type=Path, default=SWEEP_TABLE.with_suffix(".md"))
     w.add_argument("--bottlenecks", type=int, nargs="+", default=[64, 8, 4, 3])
-    w.add_argument("--epochs", type=int, default=12)
+    w.add_argument("--epochs", type=int, default=40)
     w.add_argument("--batch", type=int, default=8)
     w.add_argument("--threads", type=int, default=2)
     w.add_argument("--artifact", type=Path, help="also record the table in this artifact's metadata")
