@@ -340,11 +340,9 @@ def sweep(
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if artifact is not None:  # the comparison travels with the model it informed
-        from discgeo.artifacts import load_artifact, write_artifact
+        from discgeo.artifacts import record_metric
 
-        folder, metadata = load_artifact(artifact, kind="autoencoder")
-        metadata["metrics"]["bottleneck_sweep"] = rows
-        write_artifact(folder, metadata)
+        record_metric(artifact, kind="autoencoder", name="bottleneck_sweep", value=rows)
     return rows
 
 

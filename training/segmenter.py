@@ -117,13 +117,13 @@ def build_data(
         index.append({"name": case, "source": "real-t2"})
     if spider is not None:
         masks = sorted((spider / "masks").glob("*.mha"))
-        unpaired = [m.name for m in masks if not (spider / "images" / m.name).is_file()]
-        if len(unpaired) == len(masks):
+        pairs = [(m, spider / "images" / m.name) for m in masks if (spider / "images" / m.name).is_file()]
+        if not pairs:
             raise SystemExit(f"{spider}: no masks/*.mha with a matching images/*.mha (SPIDER layout)")
-        if unpaired:
+        if len(pairs) < len(masks):
+            unpaired = sorted({m.name for m in masks} - {m.name for m, _ in pairs})
             print(f"SPIDER: {len(unpaired)} of {len(masks)} masks have no image, left out: {unpaired[:5]}")
-        for mask_path in tqdm([m for m in masks if m.name not in unpaired], desc="SPIDER", unit="series"):
-            image_path = spider / "images" / mask_path.name
+        for mask_path, image_path in tqdm(pairs, desc="SPIDER", unit="series"):
             image = read_volume(image_path)
             labels = read_labels(mask_path)
             x, y = _prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
@@ -495,7 +495,7 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
     ``RUN/artifact``, segment the case with the inference path, Dice per level and of all discs.
     With ``artifact``, the table is also recorded in that artifact's metadata (the model trained
     with the same recipe on all cases)."""
-    from discgeo.artifacts import load_artifact, write_artifact
+    from discgeo.artifacts import record_metric
     from discgeo.segmentation import Segmenter
 
     rows = []
@@ -504,10 +504,10 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
         if not (run / "artifact" / "metadata.json").exists():
             export(run, run / "artifact", score=False)
         segmenter = Segmenter.from_artifact(run / "artifact")
+        facts = _recipe(state)
+        recipe = f"real weight {facts['real_weight']}, {facts['precision']}, {facts['optimiser']}"
         for case in state["exclude"]:
             row = score_real_case(segmenter, case)
-            facts = _recipe(state)
-            recipe = f"real weight {facts['real_weight']}, {facts['precision']}, {facts['optimiser']}"
             rows.append(
                 {"case": case, "run": run.name, "best_epoch": state["epoch"] + 1, "recipe": recipe, **row}
             )
@@ -546,13 +546,8 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
     ]
     out.write_text("\n".join(lines) + "\n")
     if artifact is not None:
-        folder, metadata = load_artifact(artifact, kind="segmenter")
-        metadata["metrics"]["leave_one_case_out"] = {
-            "mean_dice_reference_levels": round(mean, 3),
-            "mean_dice_per_level": round(mean_all, 3),
-            "cases": rows,
-        }
-        write_artifact(folder, metadata)
+        summary = {"mean_dice_reference_levels": round(mean, 3), "mean_dice_per_level": round(mean_all, 3)}
+        record_metric(artifact, kind="segmenter", name="leave_one_case_out", value={**summary, "cases": rows})
     print("\n".join(lines))
     return rows
 

@@ -57,3 +57,11 @@ def load_artifact(path: str | Path, *, kind: str) -> tuple[Path, dict[str, Any]]
         if recorded.get(name) != sha256(file):
             raise ArtifactError(f"artifact file {name} in {folder} fails sha256 verification")
     return folder, metadata
+
+
+def record_metric(path: str | Path, *, kind: str, name: str, value: Any) -> Path:
+    """Add (or replace) ``metrics[name]`` in a verified artifact's metadata, e.g. a table measured
+    after the export (leave-one-case-out, bottleneck sweep)."""
+    folder, metadata = load_artifact(path, kind=kind)
+    metadata.setdefault("metrics", {})[name] = value
+    return write_artifact(folder, metadata)
