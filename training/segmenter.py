@@ -248,16 +248,13 @@ def train(
             f"{data} holds data prepared for the '{index.get('config')}' configuration, not '{config_name}': "
             f"rebuild it with `python -m training.segmenter data --config {config_name} --out {data}`"
         )
-    train_names, val_names = _split(index, exclude, seed)
-    train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
-    repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
     model = build_model(config).to(device())
     print(f"training on {device()}")
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transforms = _transforms(config, seed)
     run.mkdir(parents=True, exist_ok=True)
     start, history, best = 0, [], -1.0
+    train_names, val_names = _split(index, exclude, seed)
+    split_seed = seed
     if (run / "last.pt").exists():
         state = torch.load(run / "last.pt", weights_only=False, map_location=device())
         if state["config"] != config_name:
@@ -269,7 +266,15 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         set_lr(optimiser, lr)
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
+        if sorted(state["exclude"]) != sorted(exclude):
+            raise SystemExit(f"{run} was trained with --exclude {' '.join(state['exclude']) or '(none)'}")
+        # the split is the run's, whatever --seed says now (the seed then only changes sampling)
+        train_names, val_names, split_seed = state["train"], state["validation"], state["seed"]
         print(f"resumed at epoch {start}")
+    train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
+    repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    transforms = _transforms(config, seed)
     started = time.monotonic()
     for epoch in range(start, epochs):
         rng = np.random.default_rng([seed, epoch])
@@ -306,6 +311,7 @@ def train(
             "loss": float(np.mean(losses)),
             "val_dice": float(np.mean(scores)),
             "lr": lr,
+            "seed": seed,
             "seconds": round(time.monotonic() - t0, 1),
         }
         history.append(record)
@@ -319,7 +325,7 @@ def train(
             "history": history,
             "best": max(best, record["val_dice"]),
             "config": config_name,
-            "seed": seed,
+            "seed": split_seed,
             "exclude": exclude,
             "real_weight": real_weight,
             "precision": precision,
@@ -370,6 +376,7 @@ def _recipe(state: dict[str, Any]) -> dict[str, Any]:
     return {
         "real_weight": state.get("real_weight", 1),
         "precision": state.get("precision", "fp32"),
+        "sampling_seeds": sorted({h.get("seed", state["seed"]) for h in state["history"]}),
         "optimiser": "AdamW, " + lr_schedule(state["history"], CONFIGS[state["config"]]["lr"]),
     }
 

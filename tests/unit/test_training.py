@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +48,20 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
     run = tmp_path / "run"
     common = {"config_name": "cpu", "seed": 0, "threads": 2, "max_minutes": 10, "exclude": []}
     train(data, run, epochs=1, steps_per_epoch=1, **common)
-    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, **common)
+    split = torch.load(run / "last.pt", weights_only=False)["validation"]
+    assert split == ["phantom-0-2", "phantom-0-3"]  # seed 0's split (seed 1 would pick 0-1 and 0-2)
+    # resumed at a lower rate with another sampling seed: the run keeps its split
+    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, **{**common, "seed": 1})
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["validation"] == split and state["seed"] == 0
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [h["lr"] for h in history] == [3e-4, 3e-5]
+    assert [(h["lr"], h["seed"]) for h in history] == [(3e-4, 0), (3e-5, 1)]
+    with pytest.raises(SystemExit, match="trained with --exclude"):
+        train(data, run, epochs=3, steps_per_epoch=1, **{**common, "exclude": ["phantom-0-0"]})
 
     metadata = export(run, tmp_path / "artifact", score=False)
     assert metadata["training"]["optimiser"].startswith("AdamW, lr 0.0003 for epochs 1-")
+    assert metadata["training"]["sampling_seeds"] == [0, 1] and metadata["training"]["seed"] == 0
     assert metadata["version"] == f"0.3.0-cpu-rw1-e{metadata['training']['epochs']}"
     assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
     segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
