@@ -4,6 +4,7 @@
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|gpu]
                                         [--real-weight 5] [--exclude case-NN] [--precision bf16|fp32]
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
+    python -m training.segmenter average --checkpoints RUN/snap-70.pt RUN/snap-79.pt ... --out build/seg-avg
     python -m training.segmenter export --run build/seg-run --out models/segmenter
     python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 \
                                                build/seg-loo-case-25 [--artifact models/segmenter]
@@ -221,6 +222,21 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2 * inter / total if total else 1.0
 
 
+def validate(
+    model: torch.nn.Module, volumes: list[tuple[np.ndarray, np.ndarray]], config: dict[str, Any]
+) -> float:
+    """Mean Dice of the disc masks (probability >= 0.5) over prepared validation volumes."""
+    model.eval()
+    return float(
+        np.mean(
+            [
+                dice(predict_volume(model, image, config) >= 0.5, labels.astype(bool))
+                for image, labels in volumes
+            ]
+        )
+    )
+
+
 def train(
     data: Path,
     run: Path,
@@ -301,15 +317,10 @@ def train(
             step += 1
             if step >= steps_per_epoch:
                 break
-        model.eval()
-        scores = [
-            dice(predict_volume(model, image, config) >= 0.5, labels.astype(bool))
-            for image, labels in val_volumes
-        ]
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
-            "val_dice": float(np.mean(scores)),
+            "val_dice": validate(model, val_volumes, config),
             "lr": lr,
             "seed": seed,
             "seconds": round(time.monotonic() - t0, 1),
@@ -341,6 +352,43 @@ def train(
             print(f"time budget of {max_minutes} min reached")
             break
     return history[-1] if history else {}
+
+
+def average(checkpoints: list[Path], data: Path, out: Path) -> dict[str, Any]:
+    """Average the weights of checkpoints of one run (or of runs resumed from one parent: same
+    configuration, split and exclusions) into ``OUT/best.pt``, scored on the run's validation volumes.
+
+    Averaging late checkpoints of a run (stochastic weight averaging) or the ends of runs that share a
+    parent (a "model soup") smooths the epoch-to-epoch noise of the weights at no inference cost. The
+    result holds no optimiser state and is not resumable; ``export`` reads it like any ``best.pt``."""
+    states = [torch.load(c, weights_only=False, map_location="cpu") for c in checkpoints]
+    first = states[0]
+    for path, state in zip(checkpoints, states, strict=True):
+        for key in ("config", "train", "validation", "exclude", "real_weight", "precision"):
+            if state.get(key) != first.get(key):
+                raise SystemExit(
+                    f"{path} differs from {checkpoints[0]} in {key}: only checkpoints of one run average"
+                )
+    config = CONFIGS[first["config"]]
+    model = build_model(config)
+    model.load_state_dict(
+        {key: torch.stack([s["model"][key].float() for s in states]).mean(0) for key in first["model"]}
+    )
+    score = validate(model, _load(data, first["validation"]), config)
+    latest = max(states, key=lambda s: s["epoch"])
+    state = {
+        **{k: v for k, v in latest.items() if k != "optimiser"},
+        "model": model.state_dict(),
+        "best": score,
+        "averaged": [
+            {"checkpoint": f"{c.parent.name}/{c.name}", "epoch": s["epoch"]}
+            for c, s in zip(checkpoints, states, strict=True)
+        ],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / "best.pt")
+    print(json.dumps({"averaged": len(states), "val_dice": score}))
+    return state
 
 
 def export_onnx(model: torch.nn.Module, config: dict[str, Any], path: Path) -> float:
@@ -377,6 +425,7 @@ def _recipe(state: dict[str, Any]) -> dict[str, Any]:
         "real_weight": state.get("real_weight", 1),
         "precision": state.get("precision", "fp32"),
         "sampling_seeds": sorted({h.get("seed", state["seed"]) for h in state["history"]}),
+        **({"weight_average": state["averaged"]} if "averaged" in state else {}),
         "optimiser": "AdamW, " + lr_schedule(state["history"], CONFIGS[state["config"]]["lr"]),
     }
 
@@ -401,7 +450,8 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
-        "version": f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}",
+        "version": f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}"
+        + (f"-avg{len(state['averaged'])}" if "averaged" in state else ""),
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
         "roi": list(config["roi"]),
@@ -601,6 +651,10 @@ def main() -> None:
     lo.add_argument("--runs", type=Path, nargs="+", required=True)
     lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
     lo.add_argument("--artifact", type=Path, help="also record the table in this artifact's metadata")
+    a = sub.add_parser("average", help="average the weights of checkpoints of one run into OUT/best.pt")
+    a.add_argument("--checkpoints", type=Path, nargs="+", required=True)
+    a.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")
+    a.add_argument("--out", type=Path, required=True)
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
     e.add_argument("--out", type=Path, default=ROOT / "models" / "segmenter")
@@ -624,6 +678,8 @@ def main() -> None:
             precision=args.precision,
             lr=args.lr,
         )
+    elif args.command == "average":
+        average(args.checkpoints, args.data, args.out)
     elif args.command == "loo":
         leave_one_out(args.runs, args.out, artifact=args.artifact)
     else:

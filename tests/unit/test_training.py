@@ -4,6 +4,7 @@ the figures written into the exported artifacts."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def test_segmenter_epoch_items_repeat_real_cases():
 
 
 def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
-    from training.segmenter import export, train
+    from training.segmenter import average, export, train
 
     from discgeo.segmentation import Segmenter
     from discgeo.volume import Volume
@@ -48,7 +49,8 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
     run = tmp_path / "run"
     common = {"config_name": "cpu", "seed": 0, "threads": 2, "max_minutes": 10, "exclude": []}
     train(data, run, epochs=1, steps_per_epoch=1, **common)
-    split = torch.load(run / "last.pt", weights_only=False)["validation"]
+    shutil.copy(run / "last.pt", run / "epoch-1.pt")
+    split = torch.load(run / "epoch-1.pt", weights_only=False)["validation"]
     assert split == ["phantom-0-2", "phantom-0-3"]  # seed 0's split (seed 1 would pick 0-1 and 0-2)
     # resumed at a lower rate with another sampling seed: the run keeps its split
     train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, **{**common, "seed": 1})
@@ -59,10 +61,23 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
     with pytest.raises(SystemExit, match="trained with --exclude"):
         train(data, run, epochs=3, steps_per_epoch=1, **{**common, "exclude": ["phantom-0-0"]})
 
-    metadata = export(run, tmp_path / "artifact", score=False)
-    assert metadata["training"]["optimiser"].startswith("AdamW, lr 0.0003 for epochs 1-")
+    # the weights of epochs 1 and 2 averaged: the mean of the two, the latest run's history kept
+    states = [torch.load(run / name, weights_only=False) for name in ("epoch-1.pt", "last.pt")]
+    averaged = average([run / "epoch-1.pt", run / "last.pt"], data, tmp_path / "averaged")
+    key = next(iter(averaged["model"]))
+    assert torch.allclose(averaged["model"][key], (states[0]["model"][key] + states[1]["model"][key]) / 2)
+    assert not (states[0]["model"][key] == states[1]["model"][key]).all()
+    other = {**states[1], "validation": ["phantom-0-0", "phantom-0-1"]}
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=r"differs .* in validation"):
+        average([run / "last.pt", tmp_path / "other.pt"], data, tmp_path / "refused")
+
+    metadata = export(tmp_path / "averaged", tmp_path / "artifact", score=False)
+    assert metadata["training"]["optimiser"] == "AdamW, lr 0.0003 for epochs 1-1, 3e-05 for epochs 2-2"
     assert metadata["training"]["sampling_seeds"] == [0, 1] and metadata["training"]["seed"] == 0
-    assert metadata["version"] == f"0.3.0-cpu-rw1-e{metadata['training']['epochs']}"
+    assert [a["epoch"] for a in metadata["training"]["weight_average"]] == [0, 1]
+    assert metadata["version"] == "0.3.0-cpu-rw1-e2-avg2"
+    assert metadata["metrics"]["validation_dice"] == averaged["best"]
     assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
     segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
     probability = segmenter.disc_probability(Volume(np.zeros((2, 40, 40), np.float32), np.eye(4)))
