@@ -5,6 +5,7 @@
                                         [--real-weight 5] [--exclude case-NN] [--precision bf16|fp32]
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
     python -m training.segmenter average --checkpoints RUN/snap-70.pt RUN/snap-79.pt ... --out build/seg-avg
+    python -m training.segmenter compare --runs build/seg-run build/seg-avg   (tuning phantoms, seed 4242)
     python -m training.segmenter export --run build/seg-run --out models/segmenter
     python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 \
                                                build/seg-loo-case-25 [--artifact models/segmenter]
@@ -484,6 +485,34 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
 
 
 HELD_OUT_PHANTOMS = (909, 8)  # seed and count of the phantoms no training run ever sees
+# phantoms for choosing between candidates (never trained on, and not the held-out set)
+TUNING_PHANTOMS = (4242, 10)
+
+
+def score_phantoms(segmenter: Any, seed: int, count: int) -> dict[str, Any]:
+    """Per-disc Dice/IoU of ``count`` phantoms of ``seed`` through ``Segmenter.predict`` (a missed level
+    scores 0)."""
+    from discgeo.phantom import make_case
+    from discgeo.segmentation import dice_per_level
+    from discgeo.volume import Volume
+
+    rows = []
+    for case in range(count):
+        c = make_case(seed, case)
+        discs = Volume(np.where(c.labels.array > 200, c.labels.array, 0), c.labels.affine)
+        rows += dice_per_level(segmenter.predict(c.image), discs)
+    matched = [r for r in rows if r["predicted"] and r["reference"]]
+    scores = np.array([r["dice"] for r in rows if r["reference"]])
+    return {
+        "command": f"{count} phantoms of seed {seed} (never used in training), Segmenter.predict",
+        "discs": len(scores),
+        "mean_dice": round(float(scores.mean()), 4),
+        "median_dice": round(float(np.median(scores)), 4),
+        "mean_iou": round(float(np.mean([r["iou"] for r in rows if r["reference"]])), 4),
+        "mean_dice_matched_levels": round(float(np.mean([r["dice"] for r in matched])), 4),
+        "spurious_levels": sum(r["predicted"] and not r["reference"] for r in rows),
+        "missed_levels": sum(r["reference"] and not r["predicted"] for r in rows),
+    }
 
 
 def score_real_case(segmenter: Any, case: str) -> dict[str, Any]:
@@ -517,34 +546,59 @@ def score_artifact(folder: Path, *, excluded: list[str]) -> dict[str, Any]:
     """The artifact's quality through the inference path: per-disc Dice/IoU on phantoms no run
     trains on (:data:`HELD_OUT_PHANTOMS`) and Dice on each real case (``held_out`` when the
     training excluded it)."""
-    from discgeo.phantom import make_case
-    from discgeo.segmentation import Segmenter, dice_per_level
-    from discgeo.volume import Volume
+    from discgeo.segmentation import Segmenter
 
     segmenter = Segmenter.from_artifact(folder)
-    seed, count = HELD_OUT_PHANTOMS
-    rows = []
-    for case in range(count):
-        c = make_case(seed, case)
-        discs = Volume(np.where(c.labels.array > 200, c.labels.array, 0), c.labels.affine)
-        rows += dice_per_level(segmenter.predict(c.image), discs)
-    matched = [r for r in rows if r["predicted"] and r["reference"]]
-    scores = np.array([r["dice"] for r in rows if r["reference"]])  # a missed level scores 0
-    phantoms = {
-        "command": f"{count} phantoms of seed {seed} (never used in training), Segmenter.predict",
-        "discs": len(scores),
-        "mean_dice": round(float(scores.mean()), 4),
-        "median_dice": round(float(np.median(scores)), 4),
-        "mean_iou": round(float(np.mean([r["iou"] for r in rows if r["reference"]])), 4),
-        "mean_dice_matched_levels": round(float(np.mean([r["dice"] for r in matched])), 4),
-        "spurious_levels": sum(r["predicted"] and not r["reference"] for r in rows),
-        "missed_levels": sum(r["reference"] and not r["predicted"] for r in rows),
-    }
+    phantoms = score_phantoms(segmenter, *HELD_OUT_PHANTOMS)
     real = {}
     for case in REAL_CASES:
         row = score_real_case(segmenter, case)
         real[case] = {"held_out": case in excluded, **{k: v for k, v in row.items() if k != "case"}}
     return {"held_out_phantoms_per_disc": phantoms, "real_t2_cases": real}
+
+
+def _run_segmenter(run: Path) -> Any:
+    """The inference path of a run's best.pt (exported unscored to ``RUN/artifact``, again whenever
+    best.pt is newer than that export)."""
+    from discgeo.segmentation import Segmenter
+
+    exported = run / "artifact" / "metadata.json"
+    if not exported.exists() or exported.stat().st_mtime < (run / "best.pt").stat().st_mtime:
+        export(run, run / "artifact", score=False)
+    return Segmenter.from_artifact(run / "artifact")
+
+
+def compare(runs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Choose between candidate models without touching the held-out phantoms: per-disc Dice of
+    each run's best.pt on :data:`TUNING_PHANTOMS`, as a table in ``out`` (and ``out`` .json)."""
+    rows = []
+    for run in runs:
+        state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
+        scores = score_phantoms(_run_segmenter(run), *TUNING_PHANTOMS)
+        rows.append(
+            {"run": run.name, "epoch": state["epoch"] + 1, "val_dice": round(state["best"], 4), **scores}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    seed, count = TUNING_PHANTOMS
+    lines = [
+        "# Segmenter candidates on the tuning phantoms",
+        "",
+        f"`python -m training.segmenter compare --runs {' '.join(str(r) for r in runs)}`: per-disc Dice on "
+        f"{count} phantoms of seed {seed} (never trained on, and not the held-out seed-909 set), through the "
+        "inference path. Validation Dice: the run's 5 validation phantoms, whole-volume, torch.",
+        "",
+        "| run | epoch | validation Dice | tuning per-disc Dice mean / median | IoU | spurious / missed |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['run']} | {r['epoch']} | {r['val_dice']:.4f} | {r['mean_dice']:.4f} / "
+            f"{r['median_dice']:.4f} | {r['mean_iou']:.4f} | {r['spurious_levels']} / {r['missed_levels']} |"
+            for r in rows
+        ],
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) -> list[dict[str, Any]]:
@@ -553,14 +607,11 @@ def leave_one_out(runs: list[Path], out: Path, *, artifact: Path | None = None) 
     With ``artifact``, the table is also recorded in that artifact's metadata (the model trained
     with the same recipe on all cases)."""
     from discgeo.artifacts import record_metric
-    from discgeo.segmentation import Segmenter
 
     rows = []
     for run in runs:
         state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
-        if not (run / "artifact" / "metadata.json").exists():
-            export(run, run / "artifact", score=False)
-        segmenter = Segmenter.from_artifact(run / "artifact")
+        segmenter = _run_segmenter(run)
         facts = _recipe(state)
         recipe = f"real weight {facts['real_weight']}, {facts['precision']}, {facts['optimiser']}"
         for case in state["exclude"]:
@@ -655,6 +706,9 @@ def main() -> None:
     a.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     a.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")
     a.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("compare", help="score candidate runs (their best.pt) on the tuning phantoms")
+    c.add_argument("--runs", type=Path, nargs="+", required=True)
+    c.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-candidates.md")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
     e.add_argument("--out", type=Path, default=ROOT / "models" / "segmenter")
@@ -680,6 +734,8 @@ def main() -> None:
         )
     elif args.command == "average":
         average(args.checkpoints, args.data, args.out)
+    elif args.command == "compare":
+        compare(args.runs, args.out)
     elif args.command == "loo":
         leave_one_out(args.runs, args.out, artifact=args.artifact)
     else:

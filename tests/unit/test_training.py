@@ -28,8 +28,9 @@ def test_segmenter_epoch_items_repeat_real_cases():
     assert all(item["image"].shape == (1, 8, 8) for item in items)
 
 
-def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
-    from training.segmenter import average, export, train
+def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypatch):
+    import training.segmenter
+    from training.segmenter import average, compare, export, train
 
     from discgeo.segmentation import Segmenter
     from discgeo.volume import Volume
@@ -78,6 +79,12 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path):
     assert [a["epoch"] for a in metadata["training"]["weight_average"]] == [0, 1]
     assert metadata["version"] == "0.3.0-cpu-rw1-e2-avg2"
     assert metadata["metrics"]["validation_dice"] == averaged["best"]
+
+    # candidates are compared on the tuning phantoms (one here), through the inference path
+    monkeypatch.setattr(training.segmenter, "TUNING_PHANTOMS", (4242, 1))
+    (row,) = compare([tmp_path / "averaged"], tmp_path / "candidates.md")
+    assert row["discs"] == 5 and row["epoch"] == 2 and 0 <= row["mean_dice"] <= 1
+    assert "| averaged | 2 |" in (tmp_path / "candidates.md").read_text()
     assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
     segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
     probability = segmenter.disc_probability(Volume(np.zeros((2, 40, 40), np.float32), np.eye(4)))
