@@ -4,7 +4,8 @@
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|gpu]
                                         [--real-weight 5] [--exclude case-NN] [--precision bf16|fp32]
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
-    python -m training.segmenter average --checkpoints RUN/snap-70.pt RUN/snap-79.pt ... --out build/seg-avg
+                                        [--snapshots-from EPOCH]   (keep RUN/epoch-NNN.pt from then on)
+    python -m training.segmenter average --checkpoints RUN/epoch-071.pt ... --out build/seg-avg
     python -m training.segmenter compare --runs build/seg-run build/seg-avg   (tuning phantoms, seed 4242)
     python -m training.segmenter export --run build/seg-run --out models/segmenter
     python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 \
@@ -252,7 +253,10 @@ def train(
     real_weight: int = 1,
     precision: str = "bf16",
     lr: float | None = None,
+    snapshots_from: int | None = None,
 ) -> dict[str, Any]:
+    """Train (or resume) a run; with ``snapshots_from``, the weights of every epoch from that one
+    (1-based) on are also kept as ``RUN/epoch-NNN.pt`` for :func:`average`."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -349,6 +353,10 @@ def train(
         if record["val_dice"] > best:
             best = record["val_dice"]
             torch.save(state, run / "best.pt")
+        if snapshots_from is not None and epoch + 1 >= snapshots_from:
+            torch.save(
+                {k: v for k, v in state.items() if k != "optimiser"}, run / f"epoch-{epoch + 1:03d}.pt"
+            )
         if (time.monotonic() - started) / 60 > max_minutes:
             print(f"time budget of {max_minutes} min reached")
             break
@@ -694,6 +702,12 @@ def main() -> None:
         help="bf16 autocast for training steps (float32 weights, validation and export)",
     )
     t.add_argument(
+        "--snapshots-from",
+        type=int,
+        metavar="EPOCH",
+        help="also keep the weights of every epoch from this one on (RUN/epoch-NNN.pt, for `average`)",
+    )
+    t.add_argument(
         "--lr",
         type=float,
         help="AdamW learning rate (default: the configuration's); also applied on resume (step decay)",
@@ -731,6 +745,7 @@ def main() -> None:
             real_weight=args.real_weight,
             precision=args.precision,
             lr=args.lr,
+            snapshots_from=args.snapshots_from,
         )
     elif args.command == "average":
         average(args.checkpoints, args.data, args.out)

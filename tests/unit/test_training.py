@@ -4,7 +4,6 @@ the figures written into the exported artifacts."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -49,12 +48,12 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": cases}))
     run = tmp_path / "run"
     common = {"config_name": "cpu", "seed": 0, "threads": 2, "max_minutes": 10, "exclude": []}
-    train(data, run, epochs=1, steps_per_epoch=1, **common)
-    shutil.copy(run / "last.pt", run / "epoch-1.pt")
-    split = torch.load(run / "epoch-1.pt", weights_only=False)["validation"]
+    train(data, run, epochs=1, steps_per_epoch=1, snapshots_from=1, **common)
+    split = torch.load(run / "last.pt", weights_only=False)["validation"]
     assert split == ["phantom-0-2", "phantom-0-3"]  # seed 0's split (seed 1 would pick 0-1 and 0-2)
     # resumed at a lower rate with another sampling seed: the run keeps its split
-    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, **{**common, "seed": 1})
+    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, snapshots_from=1, **{**common, "seed": 1})
+    assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["validation"] == split and state["seed"] == 0
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -63,8 +62,9 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
         train(data, run, epochs=3, steps_per_epoch=1, **{**common, "exclude": ["phantom-0-0"]})
 
     # the weights of epochs 1 and 2 averaged: the mean of the two, the latest run's history kept
-    states = [torch.load(run / name, weights_only=False) for name in ("epoch-1.pt", "last.pt")]
-    averaged = average([run / "epoch-1.pt", run / "last.pt"], data, tmp_path / "averaged")
+    states = [torch.load(run / name, weights_only=False) for name in ("epoch-001.pt", "epoch-002.pt")]
+    assert "optimiser" not in states[1]
+    averaged = average([run / "epoch-001.pt", run / "epoch-002.pt"], data, tmp_path / "averaged")
     key = next(iter(averaged["model"]))
     assert torch.allclose(averaged["model"][key], (states[0]["model"][key] + states[1]["model"][key]) / 2)
     assert not (states[0]["model"][key] == states[1]["model"][key]).all()
