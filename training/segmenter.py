@@ -57,6 +57,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "feature_size": 12,
         "roi": (128, 128),
         "spacing": (None, 1.0, 1.0),
+        # inference averages two scales around the training spacing (chosen on the tuning phantoms:
+        # training/results/segmenter.md)
+        "inference_spacings": ((None, 0.85, 0.85), (None, 0.95, 0.95)),
         "batch": 16,
         "lr": 3e-4,
     },
@@ -65,6 +68,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "feature_size": 48,
         "roi": (96, 96, 96),
         "spacing": (1.0, 1.0, 1.0),
+        "inference_spacings": ((1.0, 1.0, 1.0),),
         "batch": 2,
         "lr": 1e-4,
     },
@@ -463,6 +467,7 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
         + (f"-avg{len(state['averaged'])}" if "averaged" in state else ""),
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
+        "inference_spacings_mm": [list(spacing) for spacing in config["inference_spacings"]],
         "roi": list(config["roi"]),
         "classes": 2,
         "files": {"model": "segmenter.onnx"},
