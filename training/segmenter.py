@@ -6,7 +6,8 @@
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
                                         [--snapshots-from EPOCH]   (keep RUN/epoch-NNN.pt from then on)
     python -m training.segmenter average --checkpoints RUN/epoch-071.pt ... --out build/seg-avg
-    python -m training.segmenter compare --runs build/seg-run build/seg-avg   (tuning phantoms, seed 4242)
+    python -m training.segmenter compare --runs build/seg-run build/seg-avg [--scales 1.0 0.85,0.95]
+                                        (tuning phantoms, seed 4242; --scales: inference spacings to try)
     python -m training.segmenter export --run build/seg-run --out models/segmenter
     python -m training.segmenter loo    --runs build/seg-loo-case-11 build/seg-loo-case-20 \
                                                build/seg-loo-case-25 [--artifact models/segmenter]
@@ -581,30 +582,49 @@ def _run_segmenter(run: Path) -> Any:
     return Segmenter.from_artifact(run / "artifact")
 
 
-def compare(runs: list[Path], out: Path) -> list[dict[str, Any]]:
+def compare(runs: list[Path], out: Path, *, scales: list[list[float]] | None = None) -> list[dict[str, Any]]:
     """Choose between candidate models without touching the held-out phantoms: per-disc Dice of
-    each run's best.pt on :data:`TUNING_PHANTOMS`, as a table in ``out`` (and ``out`` .json)."""
+    each run's best.pt on :data:`TUNING_PHANTOMS`, as a table in ``out`` (and ``out`` .json).
+
+    ``scales``: inference spacing sets to try instead of the exported one (each a list of spacings in
+    mm, in-plane for a 2D model, isotropic for 3D; several are averaged)."""
     rows = []
+    choices: list[list[float] | None] = list(scales) if scales else [None]
     for run in runs:
         state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
-        scores = score_phantoms(_run_segmenter(run), *TUNING_PHANTOMS)
-        rows.append(
-            {"run": run.name, "epoch": state["epoch"] + 1, "val_dice": round(state["best"], 4), **scores}
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        segmenter = _run_segmenter(run)
+        for choice in choices:
+            if choice is not None:
+                segmenter.inference_spacings = [
+                    [None, mm, mm] if segmenter.dims == 2 else [mm] * 3 for mm in choice
+                ]
+            rows.append(
+                {
+                    "run": run.name,
+                    "epoch": state["epoch"] + 1,
+                    "val_dice": round(state["best"], 4),
+                    "inference_mm": " + ".join(f"{s[-1]:g}" for s in segmenter.inference_spacings),
+                    **score_phantoms(segmenter, *TUNING_PHANTOMS),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
     seed, count = TUNING_PHANTOMS
+    scale_args = f" --scales {' '.join(','.join(f'{mm:g}' for mm in c) for c in scales)}" if scales else ""
     lines = [
         "# Segmenter candidates on the tuning phantoms",
         "",
-        f"`python -m training.segmenter compare --runs {' '.join(str(r) for r in runs)}`: per-disc Dice on "
-        f"{count} phantoms of seed {seed} (never trained on, and not the held-out seed-909 set), through the "
-        "inference path. Validation Dice: the run's 5 validation phantoms, whole-volume, torch.",
+        f"`python -m training.segmenter compare --runs {' '.join(str(r) for r in runs)}{scale_args}`: "
+        f"per-disc Dice on {count} phantoms of seed {seed} (never trained on, and not the held-out seed-909 "
+        "set), through the inference path (probabilities averaged over the inference spacings). Validation "
+        "Dice: the run's 5 validation phantoms, whole-volume, torch, at the training spacing.",
         "",
-        "| run | epoch | validation Dice | tuning per-disc Dice mean / median | IoU | spurious / missed |",
-        "|---|---|---|---|---|---|",
+        "| run | epoch | validation Dice | inference spacing, mm | tuning per-disc Dice mean / median | IoU "
+        "| spurious / missed |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {r['run']} | {r['epoch']} | {r['val_dice']:.4f} | {r['mean_dice']:.4f} / "
-            f"{r['median_dice']:.4f} | {r['mean_iou']:.4f} | {r['spurious_levels']} / {r['missed_levels']} |"
+            f"| {r['run']} | {r['epoch']} | {r['val_dice']:.4f} | {r['inference_mm']} | "
+            f"{r['mean_dice']:.4f} / {r['median_dice']:.4f} | {r['mean_iou']:.4f} | "
+            f"{r['spurious_levels']} / {r['missed_levels']} |"
             for r in rows
         ],
     ]
@@ -727,6 +747,12 @@ def main() -> None:
     a.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("compare", help="score candidate runs (their best.pt) on the tuning phantoms")
     c.add_argument("--runs", type=Path, nargs="+", required=True)
+    c.add_argument(
+        "--scales",
+        nargs="+",
+        type=lambda text: [float(mm) for mm in text.split(",")],
+        help="inference spacing sets to try, e.g. 1.0 0.9 0.85,0.95 (comma: averaged); default: the exported",
+    )
     c.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-candidates.md")
     e = sub.add_parser("export")
     e.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
@@ -755,7 +781,7 @@ def main() -> None:
     elif args.command == "average":
         average(args.checkpoints, args.data, args.out)
     elif args.command == "compare":
-        compare(args.runs, args.out)
+        compare(args.runs, args.out, scales=args.scales)
     elif args.command == "loo":
         leave_one_out(args.runs, args.out, artifact=args.artifact)
     else:

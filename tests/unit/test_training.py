@@ -82,9 +82,10 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
 
     # candidates are compared on the tuning phantoms (one here), through the inference path
     monkeypatch.setattr(training.segmenter, "TUNING_PHANTOMS", (4242, 1))
-    (row,) = compare([tmp_path / "averaged"], tmp_path / "candidates.md")
-    assert row["discs"] == 5 and row["epoch"] == 2 and 0 <= row["mean_dice"] <= 1
-    assert "| averaged | 2 |" in (tmp_path / "candidates.md").read_text()
+    rows = compare([tmp_path / "averaged"], tmp_path / "candidates.md", scales=[[1.0], [0.9, 1.1]])
+    assert [r["inference_mm"] for r in rows] == ["1", "0.9 + 1.1"]
+    assert all(r["discs"] == 5 and r["epoch"] == 2 and 0 <= r["mean_dice"] <= 1 for r in rows)
+    assert "--scales 1 0.9,1.1`" in (tmp_path / "candidates.md").read_text()
     assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
     segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
     probability = segmenter.disc_probability(Volume(np.zeros((2, 40, 40), np.float32), np.eye(4)))
