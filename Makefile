@@ -92,7 +92,8 @@ train-autoencoder: setup
 	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
 
-# segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5.
+# segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5,
+# a warm restart to 64 at 1e-4 and to 80 at 3e-5; the weights of epochs 65-80 are averaged and exported.
 # CONFIG=gpu (3D, feature size 48: a ~290 MB model, too large for models/) exports to build/segmenter-gpu.
 SEG_CONFIG = $(or $(CONFIG),cpu)
 SEG_TRAIN = --data $(BUILD)/seg-data-$(SEG_CONFIG) --run $(BUILD)/seg-run-$(SEG_CONFIG) --config $(SEG_CONFIG) --real-weight 5
@@ -102,7 +103,10 @@ train-segmenter: setup
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 16
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 32 --lr 1e-4
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 40 --lr 3e-5
-	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG) --out $(SEG_OUT)
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 64 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 80 --lr 3e-5 --snapshots-from 65
+	$(PY) -m training.segmenter average --checkpoints $(BUILD)/seg-run-$(SEG_CONFIG)/epoch-*.pt --data $(BUILD)/seg-data-$(SEG_CONFIG) --out $(BUILD)/seg-avg-$(SEG_CONFIG)
+	$(PY) -m training.segmenter export --run $(BUILD)/seg-avg-$(SEG_CONFIG) --out $(SEG_OUT)
 
 train-classifier: setup
 	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024

@@ -39,7 +39,9 @@ class Segmenter:
     def __init__(self) -> None:
         self.settings = Settings.from_env()
         self.model = OnnxSegmenter.from_artifact(
-            self.settings.artifact("segmenter"), providers=self.settings.onnx_providers or None
+            self.settings.artifact("segmenter"),
+            providers=self.settings.onnx_providers or None,
+            mode=self.settings.segmenter_mode,
         )
         record_model(STAGE, self.model.version, self.model.provider)
 

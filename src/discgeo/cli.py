@@ -159,13 +159,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     segmenter = Segmenter.from_artifact(
-        args.model or settings.artifact("segmenter"), providers=settings.onnx_providers or None
+        args.model or settings.artifact("segmenter"),
+        providers=settings.onnx_providers or None,
+        mode=settings.segmenter_mode,
     )
     volume = read_volume(args.input, settings=settings)
     labels = segmenter.predict(volume)
     write_nifti(labels, args.out)
     found = sorted(int(v) for v in set(labels.array.ravel().tolist()) if v)
-    print(f"segmenter {segmenter.version} on {segmenter.provider}: {len(found)} disc(s) -> {args.out}")
+    print(
+        f"segmenter {segmenter.version} ({segmenter.mode} mode) on {segmenter.provider}: "
+        f"{len(found)} disc(s) -> {args.out}"
+    )
     return 0
 
 

@@ -12,6 +12,8 @@ variable                               meaning (default)
 ``DISCGEO_MODELS_DIR``                 folder of model artifacts (``models/`` of the source tree)
 ``DISCGEO_<NAME>_ARTIFACT``            one artifact folder, e.g. ``DISCGEO_AUTOENCODER_ARTIFACT``
 ``DISCGEO_ONNX_PROVIDERS``             ONNX Runtime providers in order (CUDA, then CPU, if offered)
+``DISCGEO_SEGMENTER_MODE``             ``fast`` (one inference scale) or ``accurate`` (the artifact's
+                                       multi-scale set, about 4.5x the segmenter time) (``fast``)
 =====================================  ==========================================================
 """
 
@@ -27,6 +29,7 @@ from discgeo.errors import ConfigurationError
 PLANES = ("sagittal", "coronal", "axial")
 SOURCE_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 CONTRASTS = ("t1", "t2")
+SEGMENTER_MODES = ("fast", "accurate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +45,7 @@ class Settings:
     models_dir: Path = SOURCE_MODELS_DIR
     artifact_overrides: tuple[tuple[str, Path], ...] = ()
     onnx_providers: tuple[str, ...] = ()
+    segmenter_mode: str = "fast"
 
     def artifact(self, name: str) -> Path:
         """Folder of the artifact ``name`` (``autoencoder``, ``segmenter``, ``classifier``)."""
@@ -92,6 +96,11 @@ class Settings:
                 )
             return items
 
+        segmenter_mode = (get("SEGMENTER_MODE") or cls.segmenter_mode).lower()
+        if segmenter_mode not in SEGMENTER_MODES:
+            raise ConfigurationError(
+                f"DISCGEO_SEGMENTER_MODE={segmenter_mode!r}: expected one of {', '.join(SEGMENTER_MODES)}"
+            )
         return cls(
             max_dim=as_int("MAX_DIM", cls.max_dim),
             max_voxels=as_int("MAX_VOXELS", cls.max_voxels),
@@ -106,4 +115,5 @@ class Settings:
                 if (value := get(f"{name.upper()}_ARTIFACT"))
             ),
             onnx_providers=tuple(p.strip() for p in (get("ONNX_PROVIDERS") or "").split(",") if p.strip()),
+            segmenter_mode=segmenter_mode,
         )

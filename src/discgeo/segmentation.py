@@ -17,9 +17,11 @@
    labels 201+).
 
 The artifact's metadata states ``dims`` (2 or 3), ``spacing_mm`` (the training spacing), ``roi``,
-``classes`` and the ONNX input/output names; with ``inference_spacings_mm``, steps 2-4 run once per
-listed spacing and the probabilities are averaged before the threshold (multi-scale inference: the
-model saw a +-15 % zoom range in training, and averaging two scales places boundaries more precisely).
+``classes`` and the ONNX input/output names, and may name inference modes in ``inference_spacings_mm``
+(``{"fast": [...], "accurate": [...]}``; without it, ``fast`` is the training spacing). Steps 2-4 run
+once per spacing of the chosen mode and the probabilities are averaged before the threshold
+(multi-scale inference: the model saw a +-15 % zoom range in training, and averaging scales places
+boundaries more precisely, at the cost of more windows).
 """
 
 from __future__ import annotations
@@ -218,15 +220,23 @@ class Segmenter:
         metadata: dict[str, Any],
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        mode: str = "fast",
     ) -> None:
         self.folder = folder
         self.metadata = metadata
         self.version = str(metadata["version"])
         self.dims = int(metadata["dims"])
         self.spacing = [None if s is None else float(s) for s in metadata["spacing_mm"]]
+        modes = metadata.get("inference_spacings_mm", {"fast": [metadata["spacing_mm"]]})
+        if mode not in modes:
+            from discgeo.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"segmenter {self.version} offers the inference modes {', '.join(modes)}, not {mode!r}"
+            )
+        self.mode = mode
         self.inference_spacings = [
-            [None if s is None else float(s) for s in spacing]
-            for spacing in metadata.get("inference_spacings_mm", [metadata["spacing_mm"]])
+            [None if s is None else float(s) for s in spacing] for spacing in modes[mode]
         ]
         self.roi = [int(r) for r in metadata["roi"]]
         self.classes = int(metadata["classes"])
@@ -235,13 +245,18 @@ class Segmenter:
 
     @classmethod
     def from_artifact(
-        cls, path: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None
+        cls,
+        path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        mode: str = "fast",
     ) -> Segmenter:
-        """Load and verify a segmenter artifact folder."""
+        """Load and verify a segmenter artifact folder; ``mode`` picks its inference spacings."""
         from discgeo.artifacts import load_artifact
 
         folder, metadata = load_artifact(path, kind="segmenter")
-        return cls(folder, metadata, providers, threads)
+        return cls(folder, metadata, providers, threads, mode)
 
     @property
     def provider(self) -> str:
@@ -252,8 +267,8 @@ class Segmenter:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
     def disc_probability(self, volume: Volume) -> np.ndarray:
-        """Disc probability on the (canonical) grid of ``volume``: the mean over the artifact's
-        ``inference_spacings_mm`` (default: its training spacing) of the model run at that spacing."""
+        """Disc probability on the (canonical) grid of ``volume``: the mean over the mode's
+        inference spacings of the model run at that spacing."""
         image = normalise(np.asarray(volume.array, dtype=np.float32))
         total = np.zeros(volume.shape, np.float32)
         for spacing in self.inference_spacings:

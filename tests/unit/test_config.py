@@ -9,6 +9,8 @@ def test_defaults_and_overrides():
     s = Settings.from_env({"DISCGEO_CONTRAST_PREFERENCE": "T2, t1", "DISCGEO_MAX_DIM": "64"})
     assert s.contrast_preference == ("t2", "t1")
     assert s.max_dim == 64
+    assert Settings.from_env({}).segmenter_mode == "fast"
+    assert Settings.from_env({"DISCGEO_SEGMENTER_MODE": "Accurate"}).segmenter_mode == "accurate"
 
 
 @pytest.mark.parametrize(
@@ -19,6 +21,7 @@ def test_defaults_and_overrides():
         ("DISCGEO_CONTRAST_PREFERENCE", "t1,flair", "comma-separated list"),
         ("DISCGEO_ACCEPTED_PLANES", "oblique", "comma-separated list"),
         ("DISCGEO_ORIENTATION_TOLERANCE", "x", "not a number"),
+        ("DISCGEO_SEGMENTER_MODE", "best", "expected one of fast, accurate"),
     ],
 )
 def test_bad_settings_are_named(name, value, message):

@@ -85,19 +85,24 @@ def test_predict_recovers_phantom_discs_and_levels(segmenter, spacing):
     assert predicted.meta["segmenter"] == "threshold-test"
 
 
-def test_inference_spacings_average_the_model_run_at_each_scale(segmenter):
+def test_inference_modes_average_the_model_run_at_each_scale(segmenter):
+    from discgeo.errors import ConfigurationError
+
     case = make_case(13, 1, spacing=(3.0, 0.8, 0.8), full_coverage=True)
     volume = case.labels.with_array((case.labels.array > 200).astype(np.float32) * 500.0 + 50.0).canonical()
 
     def at(*spacings: float) -> np.ndarray:
-        metadata = {**segmenter.metadata, "inference_spacings_mm": [[None, s, s] for s in spacings]}
-        return Segmenter(segmenter.folder, metadata).disc_probability(volume)
+        modes = {"fast": [[None, 1.0, 1.0]], "accurate": [[None, s, s] for s in spacings]}
+        metadata = {**segmenter.metadata, "inference_spacings_mm": modes}
+        return Segmenter(segmenter.folder, metadata, mode="accurate").disc_probability(volume)
 
-    assert segmenter.inference_spacings == [[None, 1.0, 1.0]]  # no list: the training spacing alone
+    assert segmenter.mode == "fast" and segmenter.inference_spacings == [[None, 1.0, 1.0]]  # no modes listed
     assert np.array_equal(segmenter.disc_probability(volume), at(1.0))
     fine, coarse = at(0.7), at(1.6)
     assert np.abs(fine - coarse).max() > 0.1  # the scales disagree at the boundaries
     assert np.allclose(at(0.7, 1.6), (fine + coarse) / 2, atol=1e-6)
+    with pytest.raises(ConfigurationError, match="offers the inference modes fast, not 'accurate'"):
+        Segmenter(segmenter.folder, segmenter.metadata, mode="accurate")
 
 
 def test_segment_and_evaluate_cli(segmenter, tmp_path, capsys):

@@ -76,7 +76,7 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     metadata = export(tmp_path / "averaged", tmp_path / "artifact", score=False)
     assert metadata["training"]["optimiser"] == "AdamW, lr 0.0003 for epochs 1-1, 3e-05 for epochs 2-2"
     assert metadata["training"]["sampling_seeds"] == [0, 1] and metadata["training"]["seed"] == 0
-    assert [a["epoch"] for a in metadata["training"]["weight_average"]] == [0, 1]
+    assert [a["epoch"] for a in metadata["training"]["weight_average"]] == [1, 2]
     assert metadata["version"] == "0.3.0-cpu-rw1-e2-avg2"
     assert metadata["metrics"]["validation_dice"] == averaged["best"]
 
