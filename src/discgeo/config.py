@@ -13,7 +13,7 @@ variable                               meaning (default)
 ``DISCGEO_<NAME>_ARTIFACT``            one artifact folder, e.g. ``DISCGEO_AUTOENCODER_ARTIFACT``
 ``DISCGEO_ONNX_PROVIDERS``             ONNX Runtime providers in order (CUDA, then CPU, if offered)
 ``DISCGEO_SEGMENTER_MODE``             ``fast`` (one inference scale) or ``accurate`` (the artifact's
-                                       multi-scale set, about 4.5x the segmenter time) (``fast``)
+                                       multi-scale set, about 5x the segmenter time) (``fast``)
 =====================================  ==========================================================
 """
 

@@ -226,7 +226,6 @@ class Segmenter:
         self.metadata = metadata
         self.version = str(metadata["version"])
         self.dims = int(metadata["dims"])
-        self.spacing = [None if s is None else float(s) for s in metadata["spacing_mm"]]
         modes = metadata.get("inference_spacings_mm", {"fast": [metadata["spacing_mm"]]})
         if mode not in modes:
             from discgeo.errors import ConfigurationError
