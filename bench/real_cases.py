@@ -2,6 +2,7 @@
 from them, with per-stage timings and segmentation Dice against the manual masks.
 
     python -m bench.real_cases      # writes bench/results/real_cases.{json,md}
+    DISCGEO_SEGMENTER_MODE=accurate python -m bench.real_cases   # real_cases-accurate.{json,md}
 
 Cases: Menezes-Reis et al., Quant Imaging Med Surg 2016 (see README). Which cases the shipped
 segmenter saw in training is read from its metadata and printed next to each case.
@@ -73,14 +74,17 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_cases.json").write_text(
-        json.dumps({"model_versions": stages.versions(), "rows": rows}, indent=1)
+    mode = stages.segmenter.mode
+    stem = "real_cases" if mode == "fast" else f"real_cases-{mode}"
+    (out / f"{stem}.json").write_text(
+        json.dumps({"model_versions": stages.versions(), "segmenter_mode": mode, "rows": rows}, indent=1)
     )
     lines = [
         "# Real T2 cases through `discgeo run` (embedded, CPU)",
         "",
-        f"`python -m bench.real_cases`; models {stages.versions()}; segmenter provider "
-        f"{stages.segmenter.provider}. Held out = not seen by the segmenter in training.",
+        f"`DISCGEO_SEGMENTER_MODE={mode} python -m bench.real_cases`; models {stages.versions()}; "
+        f"segmenter provider {stages.segmenter.provider}, {mode} mode. Held out = not seen by the segmenter "
+        "in training.",
         "",
         "| case | input | held out | read s | segment s | measure s | encode s | classify s | total s "
         "| discs | Dice per level (mean) | Dice all discs |",
@@ -92,7 +96,7 @@ def main() -> None:
             f"{r['segment_s']} | {r['measure_s']} | {r['encode_s']} | {r['classify_s']} | {r['total_s']} | "
             f"{r['discs_found']} | {r['mean_dice']} | {r['binary_dice']} |"
         )
-    (out / "real_cases.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
