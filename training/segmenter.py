@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from discgeo.config import SEGMENTER_MODES
 from discgeo.segmentation import binarise, normalise, resample, sliding_window
 from training.torchrun import autocast, device, lr_schedule, set_lr
 
@@ -758,7 +759,7 @@ def main() -> None:
     lo.add_argument("--runs", type=Path, nargs="+", required=True)
     lo.add_argument("--out", type=Path, default=ROOT / "training" / "results" / "segmenter-loo.md")
     lo.add_argument("--artifact", type=Path, help="also record the table in this artifact's metadata")
-    lo.add_argument("--mode", choices=("fast", "accurate"), default="fast", help="inference mode scored")
+    lo.add_argument("--mode", choices=SEGMENTER_MODES, default="fast", help="inference mode scored")
     a = sub.add_parser("average", help="average the weights of checkpoints of one run into OUT/best.pt")
     a.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     a.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")
