@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from discgeo.encoding import CROP_SIZE, CROP_SPACING_MM, disc_crops, iou
+from discgeo.encoding import CROP_SIZE, CROP_SPACING_MM, disc_crops
 from training.torchrun import autocast, device, logged_lr, lr_schedule, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,20 +157,29 @@ def load_data(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
 
 # ------------------------------------------------------------------------------------------- train
 def evaluate(
-    encoder: DiscEncoder, decoder: DiscDecoder, crops: np.ndarray, *, batch: int = 32, precision: str = "fp32"
+    encoder: DiscEncoder,
+    decoder: DiscDecoder,
+    crops: np.ndarray | torch.Tensor,
+    *,
+    batch: int = 32,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Per-crop reconstruction IoU (eval mode). Training monitors it in its own precision
-    (bf16 halves the time); :func:`export` measures the shipped figures in float32."""
+    """Per-crop reconstruction IoU (eval mode), computed on the model's device. Training monitors it
+    in its own precision (bf16 halves the time); :func:`export` measures the shipped figures in
+    float32."""
     encoder.eval()
     decoder.eval()
     where = next(encoder.parameters()).device
+    crops = torch.as_tensor(crops)
     scores = []
     with torch.no_grad(), autocast(precision):
         for i in range(0, len(crops), batch):
-            x = torch.from_numpy(crops[i : i + batch, None].astype(np.float32)).to(where)
-            recon = decoder(encoder(x)).float() > 0  # logit > 0  <=>  probability > 0.5
-            scores.append(iou(recon.cpu().numpy()[:, 0], crops[i : i + batch]))
-    return np.concatenate(scores)
+            truth = crops[i : i + batch].to(where).bool()
+            recon = decoder(encoder(truth[:, None].float()))[:, 0] > 0  # logit > 0 <=> probability > 0.5
+            inter = (recon & truth).flatten(1).sum(1)
+            union = (recon | truth).flatten(1).sum(1)
+            scores.append(torch.where(union > 0, inter / union.clamp(min=1), 1.0).double().cpu())
+    return torch.cat(scores).numpy()
 
 
 def train(
@@ -186,11 +195,17 @@ def train(
     loss: str = "bce+dice",
     precision: str = "bf16",
     lr: float = DEFAULT_LR,
+    stop_iou: float = STOP_IOU,
+    checkpoint_every: int = 1,
 ) -> dict[str, Any]:
+    """Train (or resume) a run until the training IoU exceeds ``stop_iou``, ``epochs`` or
+    ``max_minutes``. The crops stay on the training device as uint8 (400 discs: ~100 MB), so a GPU
+    epoch costs no host copies; ``RUN/last.pt`` is written every ``checkpoint_every`` epochs and at
+    the end (a ~190 MB file, which outweighs a GPU epoch)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     crops, held, _, _ = load_data(data)
-    train_x, held_x = crops[~held], crops[held]
+    train_x, held_x = (torch.from_numpy(crops[mask]).to(device()) for mask in (~held, held))
     encoder, decoder = DiscEncoder(bottleneck).to(device()), DiscDecoder(bottleneck).to(device())
     print(f"training on {device()}")
     optimiser = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
@@ -224,20 +239,19 @@ def train(
         t0 = time.monotonic()
         losses = []
         for i in range(0, len(train_x), batch):
-            x = torch.from_numpy(train_x[_order(len(train_x), epoch, i, batch)][:, None].astype(np.float32))
-            x = x.to(device())
+            x = train_x[torch.from_numpy(_order(len(train_x), epoch, i, batch)).to(device())][:, None].float()
             with autocast(precision):
                 logits = decoder(encoder(x))
             value = loss_fn(logits.float(), x)
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
-            losses.append(float(value.detach()))
+            losses.append(value.detach())
         train_iou = evaluate(encoder, decoder, train_x, precision=precision)
         held_iou = evaluate(encoder, decoder, held_x, precision=precision)
         record = {
             "epoch": epoch,
-            "loss": float(np.mean(losses)),
+            "loss": float(torch.stack(losses).mean()),
             "train_iou": float(train_iou.mean()),
             "held_out_iou": float(held_iou.mean()),
             "lr": lr,
@@ -247,24 +261,28 @@ def train(
         print(json.dumps(record), flush=True)
         with (run / "log.jsonl").open("a") as log:
             log.write(json.dumps(record) + "\n")
-        state = {
-            "encoder": encoder.state_dict(),
-            "decoder": decoder.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "epoch": epoch,
-            "history": history,
-            "rng": torch.get_rng_state(),
-            "bottleneck": bottleneck,
-            "seed": seed,
-            "loss": loss,
-            "precision": precision,
-        }
-        torch.save(state, run / "last.pt.tmp")
-        (run / "last.pt.tmp").replace(run / "last.pt")
-        if record["train_iou"] > STOP_IOU:
-            print(f"converged: train IoU {record['train_iou']:.4f} > {STOP_IOU}")
+        converged = record["train_iou"] > stop_iou
+        out_of_time = (time.monotonic() - started) / 60 > max_minutes
+        if converged or out_of_time or epoch + 1 == epochs or (epoch + 1) % checkpoint_every == 0:
+            state = {
+                "encoder": encoder.state_dict(),
+                "decoder": decoder.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "rng": torch.get_rng_state(),
+                "bottleneck": bottleneck,
+                "seed": seed,
+                "loss": loss,
+                "precision": precision,
+                "stop_iou": stop_iou,
+            }
+            torch.save(state, run / "last.pt.tmp")
+            (run / "last.pt.tmp").replace(run / "last.pt")
+        if converged:
+            print(f"converged: train IoU {record['train_iou']:.4f} > {stop_iou}")
             break
-        if (time.monotonic() - started) / 60 > max_minutes:
+        if out_of_time:
             print(f"time budget of {max_minutes} min reached")
             break
     return history[-1] if history else {}
@@ -287,17 +305,18 @@ def sweep(
     rows = []
     for bottleneck in bottlenecks:
         run = runs / f"b{bottleneck}"
-        train(
-            data,
-            run,
-            bottleneck=bottleneck,
-            epochs=epochs,
-            batch=batch,
-            seed=0,
-            threads=threads,
-            max_minutes=1e9,
-        )
-        history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][:epochs]
+        if not _finished(run, epochs):
+            train(
+                data,
+                run,
+                bottleneck=bottleneck,
+                epochs=epochs,
+                batch=batch,
+                seed=0,
+                threads=threads,
+                max_minutes=1e9,
+            )
+        history = _history(run)[:epochs]
         converged = next((h["epoch"] + 1 for h in history if h["train_iou"] > STOP_IOU), None)
         reached = {
             f"epochs_to_{level}": next((h["epoch"] + 1 for h in history if h["train_iou"] >= level), None)
@@ -334,7 +353,7 @@ def sweep(
             f"{r['train_iou']:.4f}",
             f"{r['held_out_iou']:.4f}",
             f"{r['best_held_out_iou']:.4f}",
-            f"{r['seconds_per_epoch']:.0f}",
+            f"{r['seconds_per_epoch']:.2g}",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     out.write_text("\n".join(lines) + "\n")
@@ -344,6 +363,18 @@ def sweep(
 
         record_metric(artifact, kind="autoencoder", name="bottleneck_sweep", value=rows)
     return rows
+
+
+def _history(run: Path) -> list[dict[str, Any]]:
+    log = run / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    """A run that reached the epoch budget or converged is only read (its checkpoint may be absent:
+    runs trained elsewhere bring back their log)."""
+    history = _history(run)
+    return len(history) >= epochs or any(h["train_iou"] > STOP_IOU for h in history)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
@@ -480,7 +511,7 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
         "training": {
             "seed": state["seed"],
             "epochs": state["epoch"] + 1,
-            "stop_iou": STOP_IOU,
+            "stop_iou": state.get("stop_iou", STOP_IOU),
             "optimiser": "Adam, " + lr_schedule(history, DEFAULT_LR),
             "loss": state.get("loss", "bce"),
             "precision": state.get("precision", "fp32"),
@@ -536,6 +567,8 @@ def main() -> None:
         default="bf16",
         help="bf16 autocast for training steps (float32 weights and evaluation)",
     )
+    t.add_argument("--stop-iou", type=float, default=STOP_IOU, help=f"stop above this train IoU ({STOP_IOU})")
+    t.add_argument("--checkpoint-every", type=int, default=1, help="write RUN/last.pt every N epochs")
     w = sub.add_parser("sweep", help="same epoch budget for several bottlenecks, then a table")
     w.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
     w.add_argument("--runs", type=Path, default=ROOT / "build" / "ae-sweep")
@@ -566,6 +599,8 @@ def main() -> None:
             loss=args.loss,
             precision=args.precision,
             lr=args.lr,
+            stop_iou=args.stop_iou,
+            checkpoint_every=args.checkpoint_every,
         )
     elif args.command == "sweep":
         sweep(

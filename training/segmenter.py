@@ -38,8 +38,11 @@ a warm restart to 64 at 1e-4 and to 80 at 3e-5, the weights of epochs 65-80 aver
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,7 @@ from training.torchrun import autocast, device, lr_schedule, set_lr
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
 REAL_CASES = ("case-11", "case-20", "case-25")
+SAMPLES_PER_ITEM = 4  # patches cropped from each training slice (2D) or volume (3D)
 SHIPPED_LIMIT_MB = 40  # models/segmenter stays this small (the 3D feature-size-48 model is ~290 MB)
 CONFIGS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -62,6 +66,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "spacing": (None, 1.0, 1.0),
         # inference modes: fast = the training spacing; accurate = two finer scales averaged (chosen on
         # the tuning phantoms, training/results/segmenter.md; 18 windows per 221 mm slice against fast's 4)
+        "inference_spacings": {
+            "fast": ((None, 1.0, 1.0),),
+            "accurate": ((None, 0.85, 0.85), (None, 0.95, 0.95)),
+        },
+        "batch": 16,
+        "lr": 3e-4,
+    },
+    # the 2D network at twice the width (~4x the compute, ~27 MB): trained on a GPU, served on CPU
+    "wide": {
+        "dims": 2,
+        "feature_size": 24,
+        "roi": (128, 128),
+        "spacing": (None, 1.0, 1.0),
         "inference_spacings": {
             "fast": ((None, 1.0, 1.0),),
             "accurate": ((None, 0.85, 0.85), (None, 0.95, 0.95)),
@@ -103,25 +120,31 @@ def _prepare(
     return x.astype(np.float16), y.astype(np.uint8)
 
 
+def _write_phantom(out: Path, seed: int, config_name: str, case: int) -> dict[str, str]:
+    from discgeo.phantom import make_case
+
+    c = make_case(seed, case)
+    discs = np.where(c.labels.array > 200, 1, 0)
+    x, y = _prepare(c.image.array, discs, c.image.spacing, CONFIGS[config_name])
+    name = f"phantom-{seed}-{case}"
+    np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
+    return {"name": name, "source": "phantom", "contrast": c.truth["contrast"]}
+
+
 def build_data(
-    out: Path, *, phantoms: int, seed: int, config_name: str, spider: Path | None
+    out: Path, *, phantoms: int, seed: int, config_name: str, spider: Path | None, workers: int = 1
 ) -> dict[str, Any]:
-    """Cache training volumes at the model's spacing: phantoms, real cases and optionally SPIDER."""
+    """Cache training volumes at the model's spacing: phantoms (``workers`` processes), real cases
+    and optionally SPIDER."""
     from tqdm import tqdm
 
     from discgeo.io import read_labels, read_volume
-    from discgeo.phantom import make_case
 
     config = CONFIGS[config_name]
     out.mkdir(parents=True, exist_ok=True)
-    index = []
-    for case in tqdm(range(phantoms), desc="phantoms", unit="case"):
-        c = make_case(seed, case)
-        discs = np.where(c.labels.array > 200, 1, 0)
-        x, y = _prepare(c.image.array, discs, c.image.spacing, config)
-        name = f"phantom-{seed}-{case}"
-        np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
-        index.append({"name": name, "source": "phantom", "contrast": c.truth["contrast"]})
+    write = functools.partial(_write_phantom, out, seed, config_name)
+    with concurrent.futures.ProcessPoolExecutor(max(1, workers)) as pool:
+        index = list(tqdm(pool.map(write, range(phantoms)), total=phantoms, desc="phantoms", unit="case"))
     for case in REAL_CASES:
         image = read_volume(SHARED / f"{case}.nii.gz")
         labels = read_labels(SHARED / f"{case}_discs.nii.gz")
@@ -170,7 +193,13 @@ def _transforms(config: dict[str, Any], seed: int) -> Any:
     keys = ["image", "label"]
     pipeline = [
         T.RandCropByPosNegLabeld(
-            keys, label_key="label", spatial_size=roi, pos=2, neg=1, num_samples=4, allow_smaller=True
+            keys,
+            label_key="label",
+            spatial_size=roi,
+            pos=2,
+            neg=1,
+            num_samples=SAMPLES_PER_ITEM,
+            allow_smaller=True,
         ),
         T.SpatialPadd(keys, spatial_size=roi),
         T.RandAffined(
@@ -213,6 +242,33 @@ def _samples(
         items += [{"image": image[i][None], "label": labels[i][None]} for i in chosen] * repeat
     order = rng.permutation(len(items))
     return [items[i] for i in order]
+
+
+def _batches(
+    items: list[dict[str, np.ndarray]], transforms: Any, size: int, workers: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Augmented training batches of ``size`` patches (each item gives ``SAMPLES_PER_ITEM``).
+
+    ``workers`` = 0 augments in this process (the CPU recipe); more runs MONAI's DataLoader, whose
+    workers each reseed the random transforms, so that augmentation keeps a GPU busy."""
+    if workers == 0:
+        patches: list[dict[str, Any]] = []
+        for item in items:
+            patches += transforms(item)
+            if len(patches) >= size:
+                yield {k: torch.stack([torch.as_tensor(p[k]) for p in patches]) for k in ("image", "label")}
+                patches = []
+        return
+    from monai.data import DataLoader, Dataset
+
+    loader = DataLoader(
+        Dataset(items, transforms),
+        batch_size=size // SAMPLES_PER_ITEM,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+    )
+    yield from loader
 
 
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
@@ -264,6 +320,7 @@ def train(
     precision: str = "bf16",
     lr: float | None = None,
     snapshots_from: int | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume) a run; with ``snapshots_from``, the weights of every epoch from that one
     (1-based) on are also kept as ``RUN/epoch-NNN.pt`` for :func:`average`."""
@@ -274,7 +331,8 @@ def train(
     config = CONFIGS[config_name]
     lr = config["lr"] if lr is None else lr
     index = json.loads((data / "index.json").read_text())
-    if index.get("config") != config_name:
+    prepared = CONFIGS.get(index.get("config"), {})
+    if prepared.get("spacing") != config["spacing"]:  # configurations of one spacing share their data
         raise SystemExit(
             f"{data} holds data prepared for the '{index.get('config')}' configuration, not '{config_name}': "
             f"rebuild it with `python -m training.segmenter data --config {config_name} --out {data}`"
@@ -313,15 +371,9 @@ def train(
         t0 = time.monotonic()
         losses = []
         items = _samples(train_volumes, config["dims"], rng, repeats)
-        batch: list[dict[str, Any]] = []
-        step = 0
-        for item in items:
-            batch += transforms(item)
-            if len(batch) < config["batch"]:
-                continue
-            x = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float().to(device())
-            y = torch.stack([torch.as_tensor(b["label"]) for b in batch]).long().to(device())
-            batch = []
+        for step, batch in enumerate(_batches(items, transforms, config["batch"], workers), start=1):
+            x = batch["image"].float().to(device(), non_blocking=True)
+            y = batch["label"].long().to(device(), non_blocking=True)
             with autocast(precision):
                 logits = model(x)
             value = loss_fn(logits.float(), y)
@@ -329,7 +381,6 @@ def train(
             value.backward()
             optimiser.step()
             losses.append(float(value.detach()))
-            step += 1
             if step >= steps_per_epoch:
                 break
         record = {
@@ -722,6 +773,7 @@ def main() -> None:
     d.add_argument("--seed", type=int, default=11)
     d.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     d.add_argument("--spider", type=Path, help="SPIDER root with images/ and masks/")
+    d.add_argument("--workers", type=int, default=1, help="processes making phantoms")
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")
     t.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
@@ -731,6 +783,7 @@ def main() -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--max-minutes", type=float, default=1e9)
+    t.add_argument("--workers", type=int, default=0, help="augmentation processes (0: this process)")
     t.add_argument("--exclude", nargs="*", default=[], help="case names left out (e.g. case-25)")
     t.add_argument(
         "--real-weight",
@@ -779,7 +832,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "data":
         build_data(
-            args.out, phantoms=args.phantoms, seed=args.seed, config_name=args.config, spider=args.spider
+            args.out,
+            phantoms=args.phantoms,
+            seed=args.seed,
+            config_name=args.config,
+            spider=args.spider,
+            workers=args.workers,
         )
     elif args.command == "train":
         train(
@@ -796,6 +854,7 @@ def main() -> None:
             precision=args.precision,
             lr=args.lr,
             snapshots_from=args.snapshots_from,
+            workers=args.workers,
         )
     elif args.command == "average":
         average(args.checkpoints, args.data, args.out)

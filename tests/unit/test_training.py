@@ -27,6 +27,20 @@ def test_segmenter_epoch_items_repeat_real_cases():
     assert all(item["image"].shape == (1, 8, 8) for item in items)
 
 
+def test_segmenter_augmentation_workers_each_draw_their_own_transforms():
+    from training.segmenter import CONFIGS, SAMPLES_PER_ITEM, _batches, _transforms
+
+    image = np.linspace(0, 1, 60 * 60, dtype=np.float32).reshape(1, 60, 60)
+    labels = np.zeros((1, 60, 60), np.uint8)
+    labels[0, 20:40, 10:50] = 1
+    items = [{"image": image, "label": labels}] * 8  # one slice, eight times
+    batches = list(_batches(items, _transforms(CONFIGS["cpu"], 0), 2 * SAMPLES_PER_ITEM, workers=2))
+    assert len(batches) == 4
+    assert all(b["image"].shape == (8, 1, 128, 128) and b["label"].shape == (8, 1, 128, 128) for b in batches)
+    # consecutive batches come from different workers: identical seeds would give identical patches
+    assert not torch.equal(batches[0]["image"], batches[1]["image"])
+
+
 def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypatch):
     import training.segmenter
     from training.segmenter import average, compare, export, train
@@ -51,8 +65,11 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     train(data, run, epochs=1, steps_per_epoch=1, snapshots_from=1, **common)
     split = torch.load(run / "last.pt", weights_only=False)["validation"]
     assert split == ["phantom-0-2", "phantom-0-3"]  # seed 0's split (seed 1 would pick 0-1 and 0-2)
-    # resumed at a lower rate with another sampling seed: the run keeps its split
-    train(data, run, epochs=2, steps_per_epoch=1, lr=3e-5, snapshots_from=1, **{**common, "seed": 1})
+    # resumed at a lower rate with another sampling seed (augmented by two worker processes): the run
+    # keeps its split
+    train(
+        data, run, epochs=2, steps_per_epoch=1, lr=3e-5, snapshots_from=1, workers=2, **{**common, "seed": 1}
+    )
     assert sorted(p.name for p in run.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["validation"] == split and state["seed"] == 0
@@ -60,6 +77,9 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     assert [(h["lr"], h["seed"]) for h in history] == [(3e-4, 0), (3e-5, 1)]
     with pytest.raises(SystemExit, match="trained with --exclude"):
         train(data, run, epochs=3, steps_per_epoch=1, **{**common, "exclude": ["phantom-0-0"]})
+    # the wide 2D configuration trains on data prepared for the cpu one (same spacing)
+    train(data, tmp_path / "wide", epochs=1, steps_per_epoch=1, **{**common, "config_name": "wide"})
+    assert torch.load(tmp_path / "wide" / "last.pt", weights_only=False)["config"] == "wide"
 
     # the weights of epochs 1 and 2 averaged: the mean of the two, the latest run's history kept
     states = [torch.load(run / name, weights_only=False) for name in ("epoch-001.pt", "epoch-002.pt")]
@@ -113,13 +133,19 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     (data / "summary.json").write_text(json.dumps({"discs": 8, "train": 6, "held_out": 2}))
     torch.manual_seed(0)
     run = tmp_path / "run"
-    train(data, run, bottleneck=4, epochs=3, batch=3, seed=0, threads=2, max_minutes=10, precision="bf16")
+    train(data, run, bottleneck=4, epochs=3, batch=3, seed=0, threads=2, max_minutes=10, checkpoint_every=2)
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(history) == 3
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2  # the last epoch is always kept
     assert history[-1]["loss"] < history[0]["loss"]
     # resumed at a lower learning rate (step decay); the schedule is recorded
     train(data, run, bottleneck=4, epochs=4, batch=3, seed=0, threads=2, max_minutes=10, lr=1e-4)
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["lr"] == 1e-4
+    # a run stops once the training IoU exceeds its stop_iou (here at once), with its checkpoint
+    quick = tmp_path / "quick"
+    train(data, quick, bottleneck=4, epochs=5, batch=3, seed=0, threads=2, max_minutes=10, stop_iou=0.0)
+    assert len((quick / "log.jsonl").read_text().splitlines()) == 1
+    assert torch.load(quick / "last.pt", weights_only=False)["stop_iou"] == 0.0
 
     metadata = export(run, tmp_path / "artifact", data=data, curve=tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
