@@ -93,18 +93,24 @@ train-autoencoder: setup
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
 
 # segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5,
-# a warm restart to 64 at 1e-4 and to 80 at 3e-5; the weights of epochs 65-80 are averaged and exported.
-# CONFIG=gpu (3D, feature size 48: a ~290 MB model, too large for models/) exports to build/segmenter-gpu.
+# warm restarts to 64 at 1e-4 and 80 at 3e-5, then to 87 at 1e-4 and 94 at 3e-5; the weights of epochs
+# 88-94 are averaged and exported.
+# CONFIG=gpu (3D, feature size 48: a ~290 MB model, too large for models/) exports to build/segmenter-gpu,
+# CONFIG=wide (2D, feature size 24) to build/segmenter-wide. WORKERS=N augments in N processes (on a GPU
+# machine the epoch is bound by augmentation and validation otherwise) and makes the phantoms in N.
 SEG_CONFIG = $(or $(CONFIG),cpu)
-SEG_TRAIN = --data $(BUILD)/seg-data-$(SEG_CONFIG) --run $(BUILD)/seg-run-$(SEG_CONFIG) --config $(SEG_CONFIG) --real-weight 5
+SEG_WORKERS = $(or $(WORKERS),0)
+SEG_TRAIN = --data $(BUILD)/seg-data-$(SEG_CONFIG) --run $(BUILD)/seg-run-$(SEG_CONFIG) --config $(SEG_CONFIG) --real-weight 5 --workers $(SEG_WORKERS)
 SEG_OUT = $(if $(filter cpu,$(SEG_CONFIG)),models/segmenter,$(BUILD)/segmenter-$(SEG_CONFIG))
 train-segmenter: setup
-	$(PY) -m training.segmenter data --out $(BUILD)/seg-data-$(SEG_CONFIG) --config $(SEG_CONFIG) --phantoms 50 --seed 11 $(if $(DATA),--spider $(DATA))
+	$(PY) -m training.segmenter data --out $(BUILD)/seg-data-$(SEG_CONFIG) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --workers $(or $(WORKERS),1) $(if $(DATA),--spider $(DATA))
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 16
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 32 --lr 1e-4
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 40 --lr 3e-5
 	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 64 --lr 1e-4
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 80 --lr 3e-5 --snapshots-from 65
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 80 --lr 3e-5
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 87 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 94 --lr 3e-5 --snapshots-from 88
 	$(PY) -m training.segmenter average --checkpoints $(BUILD)/seg-run-$(SEG_CONFIG)/epoch-*.pt --data $(BUILD)/seg-data-$(SEG_CONFIG) --out $(BUILD)/seg-avg-$(SEG_CONFIG)
 	$(PY) -m training.segmenter export --run $(BUILD)/seg-avg-$(SEG_CONFIG) --out $(SEG_OUT)
 

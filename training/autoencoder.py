@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from discgeo.encoding import CROP_SIZE, CROP_SPACING_MM, disc_crops
-from training.torchrun import autocast, device, logged_lr, lr_schedule, set_lr
+from training.torchrun import autocast, device, logged_lr, lr_schedule, save_checkpoint, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
@@ -277,8 +277,7 @@ def train(
                 "precision": precision,
                 "stop_iou": stop_iou,
             }
-            torch.save(state, run / "last.pt.tmp")
-            (run / "last.pt.tmp").replace(run / "last.pt")
+            save_checkpoint(state, run / "last.pt")
         if converged:
             print(f"converged: train IoU {record['train_iou']:.4f} > {stop_iou}")
             break
