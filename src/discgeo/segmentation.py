@@ -123,8 +123,16 @@ def sliding_window(
     """Class probabilities [classes, *image.shape] from a model on fixed ``roi`` windows.
 
     ``image`` is 2D or 3D; it is zero-padded up to the ROI where smaller. ``run`` maps a batch
-    [B, 1, *roi] of float32 to logits [B, classes, *roi].
+    [B, 1, *roi] of float32 to logits [B, classes, *roi]. A 2D ``roi`` on a 3D ``image`` runs the
+    model on every slice along the first axis, the windows of all slices batched together (same
+    result as slice by slice, in fewer and fuller batches).
     """
+    if len(roi) == image.ndim - 1:
+
+        def run_slices(batch: np.ndarray) -> np.ndarray:  # [B, 1, 1, *roi] -> [B, classes, 1, *roi]
+            return np.asarray(run(batch[:, :, 0]))[:, :, None]
+
+        return sliding_window(run_slices, image, (1, *roi), classes, overlap=overlap, batch_size=batch_size)
     pad = [(0, max(0, r - n)) for n, r in zip(image.shape, roi, strict=True)]
     padded = np.pad(image, pad)
     weight = _gaussian(roi)
@@ -273,10 +281,7 @@ class Segmenter:
         for spacing in self.inference_spacings:
             target = (None, spacing[-2], spacing[-1]) if self.dims == 2 else tuple(spacing)
             work = resample(image, volume.spacing, target)
-            if self.dims == 2:
-                probs = np.stack([sliding_window(self._run, w, self.roi, self.classes)[1] for w in work])
-            else:
-                probs = sliding_window(self._run, work, self.roi, self.classes)[1]
+            probs = sliding_window(self._run, work, self.roi, self.classes)[1]  # 2D: over the slices
             total += resize(probs, volume.shape, order=1)
         return total / len(self.inference_spacings)
 

@@ -39,6 +39,22 @@ def test_sliding_window_blends_to_the_exact_answer():
     assert small.shape == (2, 30, 20)
 
 
+def test_sliding_window_over_slices_batches_them_with_the_same_answer():
+    volume = np.random.default_rng(1).random((5, 150, 90)).astype(np.float32)
+    calls = []
+
+    def run(batch):  # depends on the whole window, so the blending of windows shows
+        calls.append(len(batch))
+        centred = batch - batch.mean(axis=(2, 3), keepdims=True)
+        return np.concatenate([-centred, centred], axis=1)
+
+    per_slice = np.stack([sliding_window(run, s, (64, 64), 2) for s in volume], axis=1)
+    slice_calls, calls[:] = list(calls), []
+    batched = sliding_window(run, volume, (64, 64), 2, batch_size=16)
+    assert batched.shape == (2, 5, 150, 90) and np.allclose(batched, per_slice, atol=1e-6)
+    assert sum(calls) == sum(slice_calls) == 5 * 6 and len(calls) == 2 < len(slice_calls)
+
+
 def test_resize_maps_voxel_centres():
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     up = resize(a, (6, 8))
