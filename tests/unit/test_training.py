@@ -169,6 +169,7 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     from discgeo.artifacts import load_artifact
 
     shutil.copytree(run, tmp_path / "sweep" / "b4")
+    (tmp_path / "sweep" / "b4" / "last.pt").unlink()  # a run trained elsewhere brings back its log alone
     rows = sweep(
         data,
         tmp_path / "sweep",
@@ -180,6 +181,7 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
         artifact=tmp_path / "artifact",
     )
     assert [(r["bottleneck"], r["epochs_run"]) for r in rows] == [(3, 2), (4, 2)]
+    assert len((tmp_path / "sweep" / "b4" / "log.jsonl").read_text().splitlines()) == 4  # not retrained
     assert rows[1]["train_iou"] == history[1]["train_iou"]
     assert (tmp_path / "sweep.md").read_text().count("\n") == 4  # header, rule, two rows
     assert load_artifact(tmp_path / "artifact", kind="autoencoder")[1]["metrics"]["bottleneck_sweep"] == rows
