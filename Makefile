@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry train-autoencoder train-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -99,20 +99,38 @@ train-autoencoder: setup
 # CONFIG=wide (2D, feature size 24) to build/segmenter-wide. WORKERS=N augments in N processes (on a GPU
 # machine the epoch is bound by augmentation and validation otherwise) and makes the phantoms in N.
 SEG_CONFIG = $(or $(CONFIG),cpu)
-SEG_WORKERS = $(or $(WORKERS),0)
-SEG_TRAIN = --data $(BUILD)/seg-data-$(SEG_CONFIG) --run $(BUILD)/seg-run-$(SEG_CONFIG) --config $(SEG_CONFIG) --real-weight 5 --workers $(SEG_WORKERS)
+SEG_DATA = $(BUILD)/seg-data-$(SEG_CONFIG)
 SEG_OUT = $(if $(filter cpu,$(SEG_CONFIG)),models/segmenter,$(BUILD)/segmenter-$(SEG_CONFIG))
-train-segmenter: setup
-	$(PY) -m training.segmenter data --out $(BUILD)/seg-data-$(SEG_CONFIG) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --workers $(or $(WORKERS),1) $(if $(DATA),--spider $(DATA))
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 16
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 32 --lr 1e-4
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 40 --lr 3e-5
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 64 --lr 1e-4
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 80 --lr 3e-5
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 87 --lr 1e-4
-	$(PY) -m training.segmenter train $(SEG_TRAIN) --epochs 94 --lr 3e-5 --snapshots-from 88
-	$(PY) -m training.segmenter average --checkpoints $(BUILD)/seg-run-$(SEG_CONFIG)/epoch-*.pt --data $(BUILD)/seg-data-$(SEG_CONFIG) --out $(BUILD)/seg-avg-$(SEG_CONFIG)
-	$(PY) -m training.segmenter export --run $(BUILD)/seg-avg-$(SEG_CONFIG) --out $(SEG_OUT)
+# $(call seg_schedule,RUN,EXTRA): the schedule above into RUN (EXTRA: e.g. --exclude case-11), weights averaged into RUN-avg
+define seg_schedule
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 16
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 32 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 40 --lr 3e-5
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 64 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 80 --lr 3e-5
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 87 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 94 --lr 3e-5 --snapshots-from 88
+	$(PY) -m training.segmenter average --checkpoints $(1)/epoch-*.pt --data $(SEG_DATA) --out $(1)-avg
+endef
+SEG_T = --data $(SEG_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or $(WORKERS),0)
+
+seg-data: setup
+	$(PY) -m training.segmenter data --out $(SEG_DATA) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --workers $(or $(WORKERS),1) $(if $(DATA),--spider $(DATA))
+
+train-segmenter: seg-data
+	$(call seg_schedule,$(BUILD)/seg-run-$(SEG_CONFIG))
+	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG)-avg --out $(SEG_OUT)
+
+# leave-one-case-out of the same recipe: one run per real case without it, each scored on its case in both
+# modes and recorded in the exported artifact (about 3 h per run on one CPU core, 94 epochs of ~115 s;
+# 15-25 min on an H200 with WORKERS=13)
+SEG_LOO_RUNS = $(foreach case,11 20 25,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-$(case)-avg)
+loo-segmenter: seg-data
+	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-11,--exclude case-11)
+	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-20,--exclude case-20)
+	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-25,--exclude case-25)
+	$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS)
+	$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS) --mode accurate --out training/results/segmenter-loo-accurate.md
 
 train-classifier: setup
 	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024
