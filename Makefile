@@ -97,7 +97,7 @@ train-autoencoder: setup
 # 88-94 are averaged and exported.
 # CONFIG=gpu (3D, feature size 48: a ~290 MB model, too large for models/) exports to build/segmenter-gpu,
 # CONFIG=wide (2D, feature size 24) to build/segmenter-wide. WORKERS=N augments in N processes (on a GPU
-# machine the epoch is bound by augmentation and validation otherwise) and makes the phantoms in N.
+# machine the epoch is bound by augmentation otherwise) and makes the phantoms in N.
 SEG_CONFIG = $(or $(CONFIG),cpu)
 SEG_DATA = $(BUILD)/seg-data-$(SEG_CONFIG)
 SEG_OUT = $(if $(filter cpu,$(SEG_CONFIG)),models/segmenter,$(BUILD)/segmenter-$(SEG_CONFIG))
@@ -110,7 +110,7 @@ define seg_schedule
 	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 80 --lr 3e-5
 	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 87 --lr 1e-4
 	$(PY) -m training.segmenter train $(SEG_T) --run $(1) $(2) --epochs 94 --lr 3e-5 --snapshots-from 88
-	$(PY) -m training.segmenter average --checkpoints $(1)/epoch-*.pt --data $(SEG_DATA) --out $(1)-avg
+	$(PY) -m training.segmenter average --checkpoints $(foreach e,088 089 090 091 092 093 094,$(1)/epoch-$(e).pt) --data $(SEG_DATA) --out $(1)-avg
 endef
 SEG_T = --data $(SEG_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or $(WORKERS),0)
 
@@ -121,16 +121,17 @@ train-segmenter: seg-data
 	$(call seg_schedule,$(BUILD)/seg-run-$(SEG_CONFIG))
 	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG)-avg --out $(SEG_OUT)
 
-# leave-one-case-out of the same recipe: one run per real case without it, each scored on its case in both
-# modes and recorded in the exported artifact (about 3 h per run on one CPU core, 94 epochs of ~115 s;
-# 15-25 min on an H200 with WORKERS=13)
+# leave-one-case-out of the same recipe: one run per real case without it, each scored on its case (in
+# both modes where the configuration has two) and recorded in the exported artifact, which must exist
+# (about 3 h per run on the CPU, 94 epochs of ~115 s; 15-25 min on an H200 with WORKERS=13)
 SEG_LOO_RUNS = $(foreach case,11 20 25,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-$(case)-avg)
+SEG_LOO_OUT = training/results/segmenter-loo$(if $(filter-out cpu,$(SEG_CONFIG)),-$(SEG_CONFIG))
 loo-segmenter: seg-data
 	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-11,--exclude case-11)
 	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-20,--exclude case-20)
 	$(call seg_schedule,$(BUILD)/seg-loo-$(SEG_CONFIG)-case-25,--exclude case-25)
-	$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS)
-	$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS) --mode accurate --out training/results/segmenter-loo-accurate.md
+	$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS) --out $(SEG_LOO_OUT).md
+	$(if $(filter gpu,$(SEG_CONFIG)),,$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS) --mode accurate --out $(SEG_LOO_OUT)-accurate.md)
 
 train-classifier: setup
 	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024

@@ -12,7 +12,8 @@ plain BCE spends its first epochs predicting background, which a CPU budget cann
 the study, a held-out set (whole patients never seen in training) is scored every epoch.
 
 Training is resumable: ``train`` reloads ``RUN/last.pt`` (model, optimiser, epoch, history) when it
-exists. Progress goes to stdout and ``RUN/log.jsonl``.
+exists; it is written every ``--checkpoint-every`` epochs, so a killed run may repeat a few. Progress
+goes to stdout and ``RUN/log.jsonl`` (rewritten from the checkpoint's history on resume).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def evaluate(
             recon = decoder(encoder(truth[:, None].float()))[:, 0] > 0  # logit > 0 <=> probability > 0.5
             inter = (recon & truth).flatten(1).sum(1)
             union = (recon | truth).flatten(1).sum(1)
-            scores.append(torch.where(union > 0, inter / union.clamp(min=1), 1.0).double().cpu())
+            scores.append(torch.where(union > 0, inter.double() / union.clamp(min=1), 1.0).cpu())
     return torch.cat(scores).numpy()
 
 
@@ -199,9 +200,13 @@ def train(
     checkpoint_every: int = 1,
 ) -> dict[str, Any]:
     """Train (or resume) a run until the training IoU exceeds ``stop_iou``, ``epochs`` or
-    ``max_minutes``. The crops stay on the training device as uint8 (400 discs: ~100 MB), so a GPU
+    ``max_minutes``. The crops stay on the training device as uint8 (474 discs: ~125 MB), so a GPU
     epoch costs no host copies; ``RUN/last.pt`` is written every ``checkpoint_every`` epochs and at
-    the end (a ~190 MB file, which outweighs a GPU epoch)."""
+    the end (a ~190 MB file, which outweighs a GPU epoch). A run stopped between checkpoints resumes
+    from the last one; ``RUN/log.jsonl`` is then rewritten from its history, so the log never holds
+    epochs that the checkpoint does not."""
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     crops, held, _, _ = load_data(data)
@@ -232,6 +237,7 @@ def train(
         start_epoch, history = state["epoch"] + 1, state["history"]
         torch.set_rng_state(state["rng"].cpu())
         print(f"resumed at epoch {start_epoch}")
+    (run / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))  # = the checkpoint's
     started = time.monotonic()
     for epoch in range(start_epoch, epochs):
         encoder.train()
@@ -305,6 +311,12 @@ def sweep(
     for bottleneck in bottlenecks:
         run = runs / f"b{bottleneck}"
         if not _finished(run, epochs):
+            logged = len(_history(run))
+            if logged and not (run / "last.pt").exists():
+                raise SystemExit(
+                    f"{run} holds {logged} logged epochs but no checkpoint to continue from: train it to "
+                    f"{epochs} epochs where its last.pt is, or sweep with --epochs {logged}"
+                )
             train(
                 data,
                 run,

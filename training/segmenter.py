@@ -182,6 +182,16 @@ def _split(index: dict[str, Any], exclude: list[str], seed: int) -> tuple[list[s
     return [n for n in names if n not in validation], validation
 
 
+def _invert(image: Any) -> Any:
+    """Contrast inversion of a [0, 1] image (a module-level function: worker processes pickle it)."""
+    return 1.0 - image
+
+
+def _seed(*keys: int) -> int:
+    """A 32-bit seed drawn from several integers (run seed, epoch...)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def _transforms(config: dict[str, Any], seed: int) -> Any:
     from monai import transforms as T  # noqa: N812
 
@@ -210,7 +220,7 @@ def _transforms(config: dict[str, Any], seed: int) -> Any:
         T.RandShiftIntensityd("image", offsets=0.1, prob=0.5),
         T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.3)),
         T.RandGaussianNoised("image", prob=0.3, std=0.05),
-        T.RandLambdad("image", func=lambda x: 1.0 - x, prob=0.3),  # contrast inversion (T1 <-> T2-like)
+        T.RandLambdad("image", func=_invert, prob=0.3),  # contrast inversion (T1 <-> T2-like)
     ]
     if config["dims"] == 3:
         pipeline.append(T.RandFlipd(keys, prob=0.5, spatial_axis=0))  # left-right
@@ -241,30 +251,30 @@ def _samples(
 
 
 def _batches(
-    items: list[dict[str, np.ndarray]], transforms: Any, size: int, workers: int
+    items: list[dict[str, np.ndarray]], transforms: Any, size: int, workers: int, seed: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Augmented training batches of ``size`` patches (each item gives ``SAMPLES_PER_ITEM``).
+    """Augmented training batches of whole items, each cropped into ``SAMPLES_PER_ITEM`` patches:
+    ``size`` patches per batch, at least one item (the 3D configuration's batch of 2 takes 4).
 
     ``workers`` = 0 augments in this process (the CPU recipe); more runs MONAI's DataLoader, whose
-    workers each reseed the random transforms, so that augmentation keeps a GPU busy."""
+    workers reseed the random transforms from ``seed`` and their number, so that augmentation keeps
+    a GPU busy."""
+    per_batch = max(1, size // SAMPLES_PER_ITEM)
     if workers == 0:
-        patches: list[dict[str, Any]] = []
-        for item in items:
-            patches += transforms(item)
-            if len(patches) >= size:
-                yield {k: torch.stack([torch.as_tensor(p[k]) for p in patches]) for k in ("image", "label")}
-                patches = []
+        for i in range(0, len(items) - per_batch + 1, per_batch):
+            patches = [patch for item in items[i : i + per_batch] for patch in transforms(item)]
+            yield {k: torch.stack([torch.as_tensor(p[k]) for p in patches]) for k in ("image", "label")}
         return
     from monai.data import DataLoader, Dataset
 
-    loader = DataLoader(
+    yield from DataLoader(
         Dataset(items, transforms),
-        batch_size=size // SAMPLES_PER_ITEM,
+        batch_size=per_batch,
         num_workers=workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
     )
-    yield from loader
 
 
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
@@ -275,8 +285,10 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, 
         with torch.no_grad():
             return model(torch.from_numpy(batch).to(where)).float().cpu().numpy()
 
-    # a GPU takes the windows of many slices at once; on CPU larger batches gain nothing
-    return sliding_window(run, image, config["roi"], 2, batch_size=64 if where.type == "cuda" else 8)[1]
+    # windows per call: a GPU takes the 2D windows of many slices at once (3D windows are large); on
+    # CPU larger batches gain nothing
+    batch = 8 if where.type == "cpu" else 64 if config["dims"] == 2 else 2
+    return sliding_window(run, image, config["roi"], 2, batch_size=batch)[1]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -358,7 +370,7 @@ def train(
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
     repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transforms = _transforms(config, seed)
+    transforms = _transforms(config, _seed(seed, start))  # a resumed stage draws new augmentations
     started = time.monotonic()
     for epoch in range(start, epochs):
         rng = np.random.default_rng([seed, epoch])
@@ -366,7 +378,8 @@ def train(
         t0 = time.monotonic()
         losses = []
         items = _samples(train_volumes, config["dims"], rng, repeats)
-        for step, batch in enumerate(_batches(items, transforms, config["batch"], workers), start=1):
+        batches = _batches(items, transforms, config["batch"], workers, _seed(seed, epoch))
+        for step, batch in enumerate(batches, start=1):
             x = batch["image"].float().to(device(), non_blocking=True)
             y = batch["label"].long().to(device(), non_blocking=True)
             with autocast(precision):
@@ -375,12 +388,12 @@ def train(
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
-            losses.append(float(value.detach()))
+            losses.append(value.detach())  # no GPU synchronisation per step
             if step >= steps_per_epoch:
                 break
         record = {
             "epoch": epoch,
-            "loss": float(np.mean(losses)),
+            "loss": float(torch.stack(losses).mean()),
             "val_dice": validate(model, val_volumes, config),
             "lr": lr,
             "seed": seed,
@@ -407,9 +420,9 @@ def train(
         save_checkpoint(state, run / "last.pt")
         if record["val_dice"] > best:
             best = record["val_dice"]
-            torch.save(state, run / "best.pt")
+            save_checkpoint(state, run / "best.pt")
         if snapshots_from is not None and epoch + 1 >= snapshots_from:
-            torch.save(
+            save_checkpoint(
                 {k: v for k, v in state.items() if k != "optimiser"}, run / f"epoch-{epoch + 1:03d}.pt"
             )
         if (time.monotonic() - started) / 60 > max_minutes:

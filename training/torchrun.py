@@ -10,8 +10,12 @@ import torch
 
 
 def device() -> torch.device:
-    """CUDA when torch sees a GPU, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when torch sees a GPU (with cuDNN choosing its fastest algorithms for the fixed patch and
+    crop shapes of both scripts), else CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def autocast(precision: str) -> torch.autocast:

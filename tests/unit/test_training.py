@@ -34,11 +34,15 @@ def test_segmenter_augmentation_workers_each_draw_their_own_transforms():
     labels = np.zeros((1, 60, 60), np.uint8)
     labels[0, 20:40, 10:50] = 1
     items = [{"image": image, "label": labels}] * 8  # one slice, eight times
-    batches = list(_batches(items, _transforms(CONFIGS["cpu"], 0), 2 * SAMPLES_PER_ITEM, workers=2))
+    batches = list(_batches(items, _transforms(CONFIGS["cpu"], 0), 2 * SAMPLES_PER_ITEM, workers=2, seed=0))
     assert len(batches) == 4
     assert all(b["image"].shape == (8, 1, 128, 128) and b["label"].shape == (8, 1, 128, 128) for b in batches)
     # consecutive batches come from different workers: identical seeds would give identical patches
     assert not torch.equal(batches[0]["image"], batches[1]["image"])
+    # a batch smaller than one item's patches (the 3D configuration's 2) takes one whole item, both ways
+    for workers in (0, 2):
+        small = list(_batches(items, _transforms(CONFIGS["cpu"], 0), 2, workers=workers, seed=0))
+        assert [b["image"].shape[0] for b in small] == [SAMPLES_PER_ITEM] * 8
 
 
 def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypatch):
@@ -137,15 +141,23 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     history = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(history) == 3
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 2  # the last epoch is always kept
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train(
+            data, run, bottleneck=4, epochs=4, batch=3, seed=0, threads=2, max_minutes=1, checkpoint_every=0
+        )
+    # an epoch logged after the last checkpoint (a run killed in between) is dropped on resume
+    with (run / "log.jsonl").open("a") as log:
+        log.write(json.dumps({**history[-1], "epoch": 3}) + "\n")
     assert history[-1]["loss"] < history[0]["loss"]
     # resumed at a lower learning rate (step decay); the schedule is recorded
     train(data, run, bottleneck=4, epochs=4, batch=3, seed=0, threads=2, max_minutes=10, lr=1e-4)
-    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["lr"] == 1e-4
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in logged] == [0, 1, 2, 3] and logged[-1]["lr"] == 1e-4
     # a run stops once the training IoU exceeds its stop_iou (here at once), with its checkpoint
     quick = tmp_path / "quick"
-    train(data, quick, bottleneck=4, epochs=5, batch=3, seed=0, threads=2, max_minutes=10, stop_iou=0.0)
+    train(data, quick, bottleneck=4, epochs=5, batch=3, seed=0, threads=2, max_minutes=10, stop_iou=-1.0)
     assert len((quick / "log.jsonl").read_text().splitlines()) == 1
-    assert torch.load(quick / "last.pt", weights_only=False)["stop_iou"] == 0.0
+    assert torch.load(quick / "last.pt", weights_only=False)["stop_iou"] == -1.0
 
     metadata = export(run, tmp_path / "artifact", data=data, curve=tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -185,6 +197,9 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     assert rows[1]["train_iou"] == history[1]["train_iou"]
     assert (tmp_path / "sweep.md").read_text().count("\n") == 4  # header, rule, two rows
     assert load_artifact(tmp_path / "artifact", kind="autoencoder")[1]["metrics"]["bottleneck_sweep"] == rows
+    # an unfinished run without its checkpoint is refused, not retrained over its log
+    with pytest.raises(SystemExit, match="no checkpoint to continue from"):
+        sweep(data, tmp_path / "sweep", tmp_path / "sweep.md", bottlenecks=[4], epochs=6, batch=3, threads=2)
 
 
 def test_real_case_scoring_leaves_levels_beyond_the_masks_out_of_the_headline():
