@@ -665,10 +665,8 @@ def compare(runs: list[Path], out: Path, *, scales: list[list[float]] | None = N
         state = torch.load(run / "best.pt", weights_only=False, map_location="cpu")
         segmenter = _run_segmenter(run)
         for choice in choices:
-            if choice is not None:
-                segmenter.inference_spacings = [
-                    [None, mm, mm] if segmenter.dims == 2 else [mm] * 3 for mm in choice
-                ]
+            if choice is not None:  # disc_probability keeps a 2D model's slice axis as it is
+                segmenter.inference_spacings = [[mm] * 3 for mm in choice]
             rows.append(
                 {
                     "run": run.name,

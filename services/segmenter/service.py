@@ -38,11 +38,7 @@ STAGE = "segmenter"
 class Segmenter:
     def __init__(self) -> None:
         self.settings = Settings.from_env()
-        self.model = OnnxSegmenter.from_artifact(
-            self.settings.artifact("segmenter"),
-            providers=self.settings.onnx_providers or None,
-            mode=self.settings.segmenter_mode,
-        )
+        self.model = OnnxSegmenter.from_settings(self.settings)
         record_model(STAGE, self.model.version, self.model.provider)
 
     @bentoml.api(route="/segment")

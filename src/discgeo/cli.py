@@ -158,11 +158,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from discgeo.segmentation import Segmenter
 
     settings = Settings.from_env()
-    segmenter = Segmenter.from_artifact(
-        args.model or settings.artifact("segmenter"),
-        providers=settings.onnx_providers or None,
-        mode=settings.segmenter_mode,
-    )
+    segmenter = Segmenter.from_settings(settings, args.model)
     volume = read_volume(args.input, settings=settings)
     labels = segmenter.predict(volume)
     write_nifti(labels, args.out)

@@ -60,9 +60,7 @@ class LocalStages:
 
         settings = Settings.from_env()
         providers = settings.onnx_providers or None
-        self.segmenter = segmenter or Segmenter.from_artifact(
-            settings.artifact("segmenter"), providers=providers, mode=settings.segmenter_mode
-        )
+        self.segmenter = segmenter or Segmenter.from_settings(settings)
         self.encoder = encoder or Encoder.from_artifact(settings.artifact("autoencoder"), providers=providers)
         self.classifier = classifier or NarrowingClassifier.from_artifact(settings.artifact("classifier"))
         self.classifier.check_encoder(self.encoder.version)

@@ -35,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from discgeo import levels
+from discgeo.config import Settings
 from discgeo.runtime import open_session
 from discgeo.volume import Volume
 
@@ -264,6 +265,16 @@ class Segmenter:
 
         folder, metadata = load_artifact(path, kind="segmenter")
         return cls(folder, metadata, providers, threads, mode)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, artifact: str | Path | None = None) -> Segmenter:
+        """The configured segmenter: ``artifact`` (default: the settings' segmenter artifact) with the
+        settings' ONNX providers and inference mode."""
+        return cls.from_artifact(
+            artifact or settings.artifact("segmenter"),
+            providers=settings.onnx_providers or None,
+            mode=settings.segmenter_mode,
+        )
 
     @property
     def provider(self) -> str:
