@@ -284,22 +284,37 @@ class Segmenter:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
-    def disc_probability(self, volume: Volume) -> np.ndarray:
-        """Disc probability on the (canonical) grid of ``volume``: the mean over the mode's
-        inference spacings of the model run at that spacing."""
+    def disc_probability(
+        self, volume: Volume, spacings: Sequence[Sequence[float | None]] | None = None
+    ) -> np.ndarray:
+        """Disc probability on the (canonical) grid of ``volume``: the mean over ``spacings`` (default:
+        the mode's inference spacings) of the model run at that spacing."""
         image = normalise(np.asarray(volume.array, dtype=np.float32))
+        chosen = self.inference_spacings if spacings is None else spacings
         total = np.zeros(volume.shape, np.float32)
-        for spacing in self.inference_spacings:
+        for spacing in chosen:
             target = (None, spacing[-2], spacing[-1]) if self.dims == 2 else tuple(spacing)
             work = resample(image, volume.spacing, target)
             probs = sliding_window(self._run, work, self.roi, self.classes)[1]  # 2D: over the slices
             total += resize(probs, volume.shape, order=1)
-        return total / len(self.inference_spacings)
+        return total / len(chosen)
 
     def predict(self, volume: Volume, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3) -> Volume:
         """Label map of the discs (SPIDER labels 201+, lowest = L5-S1) on the grid of ``volume``."""
         canonical = volume.canonical()
-        mask = self.disc_probability(canonical) >= 0.5
+        probability = self.disc_probability(canonical)
+        return self.label_discs(canonical, probability, min_fragment_mm3=min_fragment_mm3)
+
+    def label_discs(
+        self,
+        canonical: Volume,
+        probability: np.ndarray,
+        *,
+        min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3,
+    ) -> Volume:
+        """Steps 4-5 of :meth:`predict`: ``probability`` (on the grid of the canonical volume
+        ``canonical``) thresholded at 0.5, post-processed, labelled by level."""
+        mask = probability >= 0.5
         voxel_mm3 = float(np.prod(canonical.spacing))
         parts, dropped = split_touching(mask, voxel_mm3=voxel_mm3, min_fragment_mm3=min_fragment_mm3)
         sizes = np.bincount(parts.ravel())

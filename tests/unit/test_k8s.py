@@ -20,10 +20,20 @@ def test_gpu_overlay_puts_models_on_gpus_and_uses_keda():
     assert ("ScaledObject", "discgeo-segmenter") in kinds
     assert ("HorizontalPodAutoscaler", "discgeo-segmenter") not in kinds  # KEDA owns its HPA
     assert ("HorizontalPodAutoscaler", "discgeo-geometry") in kinds
-    segmenter = next(
-        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "discgeo-segmenter"
-    )
-    assert segmenter["spec"]["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+
+    def segmenter(objects: list[dict]) -> dict:
+        return next(
+            o["spec"]["template"]["spec"]["containers"][0]
+            for o in objects
+            if o["kind"] == "Deployment" and o["metadata"]["name"] == "discgeo-segmenter"
+        )
+
+    container = segmenter(objects)
+    assert container["image"].endswith("-gpu")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DISCGEO_SEGMENTER_MODE"] == "accurate"  # on a GPU the four scales cost little
+    assert env["DISCGEO_ONNX_PROVIDERS"].startswith("CUDAExecutionProvider")
+    assert "DISCGEO_SEGMENTER_MODE" not in {e["name"] for e in segmenter(render("cpu"))["env"]}
 
 
 def test_validator_catches_mistakes():

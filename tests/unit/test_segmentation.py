@@ -207,3 +207,21 @@ def test_smaller_components_off_the_disc_column_are_dropped(segmenter, anterior_
     predicted = segmenter.predict(Volume(image, labels.affine))
     found = len(np.unique(predicted.array)) - 1
     assert found == len(case.truth["discs"]) + (1 if kept else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "accurate"])
+def test_shipped_segmenter_reproduces_its_recorded_real_case_figures(ivd_dir, mode):
+    """The shipped model on real case-25 through the inference path gives the per-level Dice its
+    metadata records (phantom-trained model, manual reference masks)."""
+    from discgeo.config import Settings
+    from discgeo.io import read_labels, read_volume
+
+    shipped = Segmenter.from_artifact(Settings().artifact("segmenter"), mode=mode)
+    metrics = shipped.metadata["metrics"]
+    recorded = (metrics if mode == "fast" else metrics[f"{mode}_mode"])["real_t2_cases"]["case-25"]
+    predicted = shipped.predict(read_volume(ivd_dir / "case-25.nii.gz"))
+    rows = dice_per_level(predicted, read_labels(ivd_dir / "case-25_discs.nii.gz"))
+    dice = {r["level"]: round(r["dice"], 3) for r in rows}
+    assert dice == pytest.approx(recorded["dice_by_level"], abs=2e-3)
+    assert min(r["dice"] for r in rows) > 0.88

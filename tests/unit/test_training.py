@@ -47,9 +47,10 @@ def test_segmenter_augmentation_workers_each_draw_their_own_transforms():
 
 def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypatch):
     import training.segmenter
-    from training.segmenter import average, compare, export, train
+    from training.segmenter import _phantom_summary, average, compare, export, train
 
-    from discgeo.segmentation import Segmenter
+    from discgeo.phantom import make_case
+    from discgeo.segmentation import Segmenter, dice_per_level
     from discgeo.volume import Volume
 
     # four tiny "phantoms": a bright slab (the disc) in dark slices; two are kept for validation
@@ -110,6 +111,13 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     assert [r["inference_mm"] for r in rows] == ["1", "0.9 + 1.1"]
     assert all(r["discs"] == 5 and r["epoch"] == 2 and 0 <= r["mean_dice"] <= 1 for r in rows)
     assert "--scales 1 0.9,1.1`" in (tmp_path / "candidates.md").read_text()
+    # each spacing ran once per phantom and was shared between the sets: same figures as predict
+    candidate = Segmenter.from_artifact(tmp_path / "averaged" / "artifact")
+    candidate.inference_spacings = [[0.9] * 3, [1.1] * 3]
+    case = make_case(4242, 0)
+    discs = Volume(np.where(case.labels.array > 200, case.labels.array, 0), case.labels.affine)
+    direct = _phantom_summary(dice_per_level(candidate.predict(case.image), discs), 4242, 1)
+    assert {k: rows[1][k] for k in direct} == direct
     assert metadata["metrics"]["parity_max_abs_logit_diff"] <= 1e-4
     segmenter = Segmenter.from_artifact(tmp_path / "artifact")  # loads through the verified loader
     probability = segmenter.disc_probability(Volume(np.zeros((2, 40, 40), np.float32), np.eye(4)))
