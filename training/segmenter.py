@@ -591,10 +591,10 @@ def score_phantoms(
 ) -> list[dict[str, Any]]:
     """Per-disc Dice/IoU of ``count`` phantoms of ``seed`` through the inference path (a missed level
     scores 0), one summary per set of inference spacings in ``spacing_sets`` (default: the segmenter's
-    own). The model runs once per phantom and distinct spacing; a set averages those probabilities in
-    its order, as ``Segmenter.disc_probability`` does."""
+    own). The model runs once per phantom and distinct spacing; each set averages those probabilities
+    as ``Segmenter.disc_probability`` does."""
     from discgeo.phantom import make_case
-    from discgeo.segmentation import dice_per_level
+    from discgeo.segmentation import dice_per_level, mean_probability
     from discgeo.volume import Volume
 
     sets = spacing_sets or [segmenter.inference_spacings]
@@ -603,13 +603,11 @@ def score_phantoms(
         c = make_case(seed, case)
         canonical = c.image.canonical()
         discs = Volume(np.where(c.labels.array > 200, c.labels.array, 0), c.labels.affine)
-        at: dict[tuple[float | None, ...], np.ndarray] = {}
+        distinct = list(dict.fromkeys(tuple(spacing) for spacings in sets for spacing in spacings))
+        at = dict(zip(distinct, segmenter.scale_probabilities(canonical, distinct), strict=True))
         for spacings, found in zip(sets, rows, strict=True):
-            for spacing in spacings:
-                if tuple(spacing) not in at:
-                    at[tuple(spacing)] = segmenter.disc_probability(canonical, [spacing])
-            probability = sum((at[tuple(s)] for s in spacings), np.zeros(canonical.shape, np.float32))
-            found += dice_per_level(segmenter.label_discs(canonical, probability / len(spacings)), discs)
+            probability = mean_probability([at[tuple(spacing)] for spacing in spacings])
+            found += dice_per_level(segmenter.label_discs(canonical, probability), discs)
     return [_phantom_summary(found, seed, count) for found in rows]
 
 

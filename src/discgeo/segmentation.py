@@ -284,20 +284,24 @@ class Segmenter:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self.input_name: batch})[0])
 
-    def disc_probability(
-        self, volume: Volume, spacings: Sequence[Sequence[float | None]] | None = None
-    ) -> np.ndarray:
-        """Disc probability on the (canonical) grid of ``volume``: the mean over ``spacings`` (default:
-        the mode's inference spacings) of the model run at that spacing."""
+    def scale_probabilities(
+        self, volume: Volume, spacings: Sequence[Sequence[float | None]]
+    ) -> list[np.ndarray]:
+        """The disc probability of the model run at each of ``spacings``, each on the (canonical) grid
+        of ``volume``."""
         image = normalise(np.asarray(volume.array, dtype=np.float32))
-        chosen = self.inference_spacings if spacings is None else spacings
-        total = np.zeros(volume.shape, np.float32)
-        for spacing in chosen:
+        found = []
+        for spacing in spacings:
             target = (None, spacing[-2], spacing[-1]) if self.dims == 2 else tuple(spacing)
             work = resample(image, volume.spacing, target)
             probs = sliding_window(self._run, work, self.roi, self.classes)[1]  # 2D: over the slices
-            total += resize(probs, volume.shape, order=1)
-        return total / len(chosen)
+            found.append(resize(probs, volume.shape, order=1))
+        return found
+
+    def disc_probability(self, volume: Volume) -> np.ndarray:
+        """Disc probability on the (canonical) grid of ``volume``: the mean over the mode's inference
+        spacings of the model run at that spacing."""
+        return mean_probability(self.scale_probabilities(volume, self.inference_spacings))
 
     def predict(self, volume: Volume, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3) -> Volume:
         """Label map of the discs (SPIDER labels 201+, lowest = L5-S1) on the grid of ``volume``."""
@@ -333,6 +337,14 @@ class Segmenter:
         if dropped:
             log.info("dropped %d fragment(s) under %g mm3", dropped, min_fragment_mm3)
         return canonical.with_array(labels, segmenter=self.version, dropped_fragments=dropped)
+
+
+def mean_probability(probabilities: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean of probability maps of one grid, summed in their order (multi-scale inference)."""
+    total = np.zeros(probabilities[0].shape, np.float32)
+    for probability in probabilities:
+        total += probability
+    return total / len(probabilities)
 
 
 def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 0.5) -> np.ndarray:
