@@ -439,7 +439,9 @@ def reference_study(image_path: Path, labels_path: Path) -> dict[str, Any]:
     from monai.networks.nets import SwinUNETR
     from scipy import ndimage
 
-    from discgeo.encoding import crop_disc
+    from discgeo.artifacts import load_artifact
+    from discgeo.config import Settings
+    from discgeo.encoding import CropSpec, crop_disc
     from discgeo.io import read_labels, read_volume
     from discgeo.segmentation import normalise, resample
 
@@ -450,6 +452,7 @@ def reference_study(image_path: Path, labels_path: Path) -> dict[str, Any]:
         .to(device)
     )
     encoder = autoencoder_modules(4)[0].eval().to(device)
+    crop_spec = CropSpec.from_metadata(load_artifact(Settings.from_env().artifact("autoencoder"), kind="autoencoder")[1])
     volume = read_volume(image_path).canonical()
     discs_found = read_labels(labels_path).canonical()
     timings: dict[str, float] = {}
@@ -479,7 +482,7 @@ def reference_study(image_path: Path, labels_path: Path) -> dict[str, Any]:
     latents, geometry = [], []
     with torch.inference_mode():
         for disc in masks:
-            crop = crop_disc(disc, discs_found.affine)
+            crop = crop_disc(disc, discs_found.affine, spec=crop_spec)
             if crop is not None:
                 latents.append(encoder(torch.from_numpy(crop[None, None].astype(np.float32)).to(device)))
     timings["encode"] = time.perf_counter() - t0
@@ -540,7 +543,6 @@ def embedded_memory(files_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------- the run
 def run(quick: bool) -> dict[str, Any]:
-    from discgeo.encoding import disc_crops
     from discgeo.io import read_volume
     from discgeo.io.nifti import write_nifti
 
@@ -565,7 +567,7 @@ def run(quick: bool) -> dict[str, Any]:
         if not quick:
             results["embedded_peak"] = child("embedded-memory", str(tmp / "dicom"))
         labels = stages.segmenter.predict(volume)
-        crops = disc_crops(labels).crops
+        crops = stages.encoder.crop(labels).crops
         labels_path = write_nifti(labels, tmp / "labels.nii.gz")
         results["reference"] = child("reference", str(SHARED / f"{CASE}.nii.gz"), str(labels_path))
         log(f"reference {results['reference']['timings_s']}")

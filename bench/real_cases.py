@@ -1,10 +1,13 @@
 """The three real shared T2 cases through the embedded pipeline, as NIfTI and as DICOM series written
-from them, with per-stage timings and segmentation Dice against the manual masks.
+from them, with per-stage timings, segmentation Dice against the manual masks and the discs called
+narrowed (none should be: healthy young adults); then the 145 manual disc masks of ``ivd-masks``
+through the pipeline in place of the segmenter (share called narrowed, reconstruction IoU,
+``unusual_shape`` flags).
 
     python -m bench.real_cases      # writes bench/results/real_cases.{json,md}
     DISCGEO_SEGMENTER_MODE=accurate python -m bench.real_cases   # real_cases-accurate.{json,md}
 
-Cases: Menezes-Reis et al., Quant Imaging Med Surg 2016 (see README). Which cases the shipped
+Data: Menezes-Reis et al., Quant Imaging Med Surg 2016 (see README). Which cases the shipped
 segmenter saw in training is read from its metadata and printed next to each case.
 """
 
@@ -17,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from discgeo import realdata
+from discgeo.analysis import healthy_real_discs
 from discgeo.io import read_labels, read_volume
 from discgeo.io.dicom import SeriesTags, read_dicom_study, write_dicom_series
 from discgeo.pipeline import LocalStages, analyse_study
 from discgeo.segmentation import dice_per_level
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
-CASES = ("case-11", "case-20", "case-25")
 
 
 def _binary_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,9 +41,9 @@ def main() -> None:
     excluded = stages.segmenter.metadata.get("training", {}).get("excluded", [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for case in CASES:
-            image = read_volume(SHARED / f"{case}.nii.gz")
-            truth = read_labels(SHARED / f"{case}_discs.nii.gz")
+        for case in realdata.REAL_CASES:
+            image = read_volume(realdata.ivd_t2_dir() / f"{case}.nii.gz")
+            truth = read_labels(realdata.ivd_t2_dir() / f"{case}_discs.nii.gz")
             # the NIfTI holds uint16 values: the DICOM written from it is exact
             files = write_dicom_series(
                 image,
@@ -69,15 +72,26 @@ def main() -> None:
                         "narrowing_probability": [
                             round(d.narrowing_probability or 0, 3) for d in result.discs
                         ],
+                        "called_narrowed": sum(bool(d.narrowing) for d in result.discs),
+                        "unusual_shape": sum("unusual_shape" in d.flags for d in result.discs),
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+    healthy = healthy_real_discs(stages.encoder, stages.classifier)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     mode = stages.segmenter.mode
     stem = "real_cases" if mode == "fast" else f"real_cases-{mode}"
     (out / f"{stem}.json").write_text(
-        json.dumps({"model_versions": stages.versions(), "segmenter_mode": mode, "rows": rows}, indent=1)
+        json.dumps(
+            {
+                "model_versions": stages.versions(),
+                "segmenter_mode": mode,
+                "rows": rows,
+                "healthy_real_discs": healthy,
+            },
+            indent=1,
+        )
     )
     lines = [
         "# Real T2 cases through `discgeo run` (embedded, CPU)",
@@ -87,15 +101,27 @@ def main() -> None:
         "in training.",
         "",
         "| case | input | held out | read s | segment s | measure s | encode s | classify s | total s "
-        "| discs | Dice per level (mean) | Dice all discs |",
-        "|---" * 12 + "|",
+        "| discs | Dice per level (mean) | Dice all discs | called narrowed | unusual shape |",
+        "|---" * 14 + "|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['input']} | {'yes' if r['held_out'] else 'no'} | {r['read_s']} | "
             f"{r['segment_s']} | {r['measure_s']} | {r['encode_s']} | {r['classify_s']} | {r['total_s']} | "
-            f"{r['discs_found']} | {r['mean_dice']} | {r['binary_dice']} |"
+            f"{r['discs_found']} | {r['mean_dice']} | {r['binary_dice']} | {r['called_narrowed']} | "
+            f"{r['unusual_shape']} |"
         )
+    every = healthy["all"]
+    lines += [
+        "",
+        f"## The 145 real healthy discs of `ivd-masks` ({healthy['data']})",
+        "",
+        f"Called narrowed: {every['called_narrowed']} of {every['discs']} ({every['called_narrowed_share']:.1%}); "
+        "by level "
+        + ", ".join(f"{lv} {v:.1%}" for lv, v in every["called_narrowed_by_level"].items())
+        + f". Mean reconstruction IoU {every['mean_iou']:.3f}; `unusual_shape` {every['unusual_shape']}. "
+        "The autoencoder trained on 22 of these 29 subjects (see its metadata for the held-out 7).",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,12 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from discgeo.encoding import CROP_SIZE, CROP_SPACING_MM, disc_crops
-from training.torchrun import autocast, device, logged_lr, lr_schedule, save_checkpoint, set_lr
+from discgeo.encoding import CropSpec, disc_crops
+from training.torchrun import (
+    autocast,
+    device,
+    logged_lr,
+    lr_schedule,
+    resolve_precision,
+    save_checkpoint,
+    set_lr,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
-REAL_CASES = ("case-11", "case-20", "case-25")
 CHANNELS = (32, 64, 128, 256, 512)
 STOP_IOU = 0.995
 DEFAULT_LR = 1e-3  # Adam, as in the study
@@ -96,11 +102,29 @@ class Probabilities(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- data
+# The shipped crop: 64 voxels per side (five stride-2 layers down to 2^3), finer along A and S than
+# along R so that a real disc (5-7 mm high, 29-32 mm AP, about 40 mm wide; training/results/real-discs.md)
+# spans ~10 voxels across its height instead of ~6: 64 x 48 x 38.4 mm.
+CROP = CropSpec(size=64, spacing_mm=(1.0, 0.75, 0.6))
+HELD_OUT_REAL = 7  # ivd-masks subjects held out (with their 1 mm case where there is one)
+
+
+def held_out_subjects(seed: int) -> list[str]:
+    """Real subjects never trained on: ivd-25 (so that one 1 mm case is held out too) and six more
+    drawn by ``seed`` from those without a 1 mm case."""
+    from discgeo import realdata
+
+    with_case = {realdata.subject_of_case(c) for c in realdata.REAL_CASES}
+    others = [s for s in realdata.native_subjects() if s not in with_case]
+    drawn = np.random.default_rng(seed).permutation(len(others))[: HELD_OUT_REAL - 1]
+    return sorted(["ivd-25", *(others[i] for i in drawn)])
+
+
 def build_data(out: Path, *, phantoms: int, seed: int, holdout_fraction: float = 0.15) -> dict[str, Any]:
-    """Disc crops from phantom patients and the real shared cases, split by patient."""
+    """Disc crops of calibrated phantom patients and of every real mask, split by patient."""
     from tqdm import tqdm
 
-    from discgeo.io import read_labels
+    from discgeo import realdata
     from discgeo.phantom import make_case
 
     rng = np.random.default_rng(seed)
@@ -109,23 +133,22 @@ def build_data(out: Path, *, phantoms: int, seed: int, holdout_fraction: float =
     for case in tqdm(range(phantoms), desc="phantom crops", unit="patient"):
         spacing = (float(rng.uniform(1.0, 4.0)), float(rng.uniform(0.5, 1.1)), float(rng.uniform(0.5, 1.1)))
         c = make_case(seed, case, spacing=(spacing[0], spacing[1], spacing[1]), full_coverage=True)
-        result = disc_crops(c.labels)
+        result = disc_crops(c.labels, spec=CROP)
         too_large += len(result.too_large)
         crops.append(result.crops)
         patients += [f"phantom-{seed}-{case}"] * len(result.crops)
         sources += ["phantom"] * len(result.crops)
-    for name in REAL_CASES:
-        result = disc_crops(read_labels(SHARED / f"{name}_discs.nii.gz"))
+    for mask in tqdm(realdata.real_masks(), desc="real crops", unit="mask"):
+        result = disc_crops(mask.labels, spec=CROP)
+        too_large += len(result.too_large)
         crops.append(result.crops)
-        patients += [name] * len(result.crops)
-        sources += ["real"] * len(result.crops)
+        patients += [mask.subject] * len(result.crops)
+        sources += [f"real-{mask.source}"] * len(result.crops)
     array = np.concatenate(crops)
-    unique = sorted(set(patients))
-    order = rng.permutation(len(unique))
-    n_hold = max(1, round(holdout_fraction * len(unique)))
-    held_patients = {unique[i] for i in order[:n_hold]}
-    held_patients.add("case-25")  # always one real case held out
-    held_patients.discard("case-11")
+    phantom_patients = sorted({p for p, s in zip(patients, sources, strict=True) if s == "phantom"})
+    order = rng.permutation(len(phantom_patients))
+    n_hold = max(1, round(holdout_fraction * len(phantom_patients)))
+    held_patients = {phantom_patients[i] for i in order[:n_hold]} | set(held_out_subjects(seed))
     held = np.array([p in held_patients for p in patients])
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -135,15 +158,20 @@ def build_data(out: Path, *, phantoms: int, seed: int, holdout_fraction: float =
         patients=np.array(patients),
         sources=np.array(sources),
     )
+    real = np.char.startswith(np.array(sources), "real")
     summary = {
         "discs": len(array),
         "train": int((~held).sum()),
         "held_out": int(held.sum()),
         "phantom_patients": phantoms,
-        "real_cases": list(REAL_CASES),
+        "real": "ivd-masks (29 subjects, native) and ivd-t2-mri (3 cases, 1 mm), Menezes-Reis et al. 2016",
+        "real_discs": int(real.sum()),
+        "real_train_discs": int((real & ~held).sum()),
+        "real_held_out_discs": int((real & held).sum()),
+        "held_out_real_subjects": held_out_subjects(seed),
+        "crop": {"size": CROP.size, "spacing_mm": list(CROP.spacing_mm)},
         "seed": seed,
         "too_large_skipped": too_large,
-        "held_out_real": sorted(p for p in held_patients if p.startswith("case")),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
@@ -152,7 +180,7 @@ def build_data(out: Path, *, phantoms: int, seed: int, holdout_fraction: float =
 
 def load_data(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     data = np.load(folder / "crops.npz")
-    crops = np.unpackbits(data["packed"], axis=-1)[..., :CROP_SIZE]
+    crops = np.unpackbits(data["packed"], axis=-1)[..., : CROP.size]
     return crops, data["held"], data["patients"], data["sources"]
 
 
@@ -194,10 +222,11 @@ def train(
     threads: int,
     max_minutes: float,
     loss: str = "bce+dice",
-    precision: str = "bf16",
+    precision: str = "auto",
     lr: float = DEFAULT_LR,
     stop_iou: float = STOP_IOU,
     checkpoint_every: int = 1,
+    monitor: int | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run until the training IoU exceeds ``stop_iou``, ``epochs`` or
     ``max_minutes``. The crops stay on the training device as uint8 (474 discs: ~125 MB), so a GPU
@@ -205,12 +234,26 @@ def train(
     the end (a ~190 MB file, which outweighs a GPU epoch). A run stopped between checkpoints resumes
     from the last one; ``RUN/log.jsonl`` is then rewritten from its history, so the log never holds
     epochs that the checkpoint does not."""
+    precision = resolve_precision(precision)
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be at least 1, not {checkpoint_every}")
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    crops, held, _, _ = load_data(data)
-    train_x, held_x = (torch.from_numpy(crops[mask]).to(device()) for mask in (~held, held))
+    crops, held, _, sources = load_data(data)
+    # the left/right sense of the real masks was not recorded: their mirror images are as real
+    real_train = crops[~held & np.char.startswith(sources, "real")]
+    train_x = torch.from_numpy(np.concatenate([crops[~held], real_train[:, ::-1]])).to(device())
+    held_x = torch.from_numpy(crops[held]).to(device())
+    print(f"{len(train_x)} training crops ({len(real_train)} real, mirrored too), {len(held_x)} held out")
+    # the training IoU logged each epoch (and compared with stop_iou) is that of a fixed sample when
+    # ``monitor`` is set: scoring every crop costs a third of a CPU epoch
+    every = np.arange(len(train_x))
+    picked = (
+        every
+        if monitor is None
+        else np.random.default_rng(0).choice(every, min(monitor, len(every)), replace=False)
+    )
+    monitored = torch.from_numpy(np.sort(picked)).to(device())
     encoder, decoder = DiscEncoder(bottleneck).to(device()), DiscDecoder(bottleneck).to(device())
     print(f"training on {device()}")
     optimiser = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
@@ -253,7 +296,7 @@ def train(
             value.backward()
             optimiser.step()
             losses.append(value.detach())
-        train_iou = evaluate(encoder, decoder, train_x, precision=precision)
+        train_iou = evaluate(encoder, decoder, train_x[monitored], precision=precision)
         held_iou = evaluate(encoder, decoder, held_x, precision=precision)
         record = {
             "epoch": epoch,
@@ -433,7 +476,7 @@ def export_onnx(
     decoder.eval()
     probabilities = Probabilities(decoder).eval()
     out.mkdir(parents=True, exist_ok=True)
-    x = torch.zeros(2, 1, CROP_SIZE, CROP_SIZE, CROP_SIZE)
+    x = torch.zeros(2, 1, CROP.size, CROP.size, CROP.size)
     x[:, :, 24:40, 10:54, 28:36] = 1
     with torch.no_grad():
         z = encoder(x)
@@ -485,13 +528,17 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
     print(json.dumps(parity))
     history = state["history"]
     quality: dict[str, Any] = {}
+    unusual: dict[str, Any] | None = None
     if crops is not None:  # the shipped figures: float32, every disc once, summarised per set
         every = evaluate(encoder, decoder, crops)
+        real = np.char.startswith(sources, "real")
         sets = {
             "train": ~held,
+            "train_real": ~held & real,
             "held_out": held,
-            "held_out_phantom": held & (sources == "phantom"),
-            "held_out_real": held & (sources == "real"),
+            "held_out_phantom": held & ~real,
+            "held_out_real": held & real,
+            "held_out_real_native": held & (sources == "real-native"),
         }
         for name, chosen in sets.items():
             scores = every[chosen]
@@ -500,24 +547,26 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
                 "mean_iou": round(float(scores.mean()), 4),
                 "median_iou": round(float(np.median(scores)), 4),
                 "min_iou": round(float(scores.min()), 4),
-                "cases": sorted(set(patients[chosen].tolist())) if name == "held_out_real" else None,
+                "patients": sorted(set(patients[chosen].tolist())) if name.startswith("held_out_real") else None,
             }
         print(json.dumps(quality))
+        unusual = unusual_shape_threshold(every[held & real])
     metadata = {
         "kind": "autoencoder",
         "name": "discgeo-disc-autoencoder",
-        "version": f"0.3.0-b{bottleneck}-e{state['epoch'] + 1}",
+        "version": f"0.4.0-b{bottleneck}-e{state['epoch'] + 1}",
         "latent_dim": bottleneck,
-        "crop_size": CROP_SIZE,
-        "crop_spacing_mm": CROP_SPACING_MM,
+        "crop_size": CROP.size,
+        "crop_spacing_mm": list(CROP.spacing_mm),
+        "unusual_shape": unusual,
         "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
         "inputs": {
-            "encoder": {"name": "crops", "dtype": "float32", "shape": ["N", 1, 64, 64, 64]},
+            "encoder": {"name": "crops", "dtype": "float32", "shape": ["N", 1, CROP.size, CROP.size, CROP.size]},
             "decoder": {"name": "latents", "dtype": "float32", "shape": ["N", bottleneck]},
         },
         "outputs": {
             "encoder": {"name": "latents", "dtype": "float32", "shape": ["N", bottleneck]},
-            "decoder": {"name": "probabilities", "dtype": "float32", "shape": ["N", 1, 64, 64, 64]},
+            "decoder": {"name": "probabilities", "dtype": "float32", "shape": ["N", 1, CROP.size, CROP.size, CROP.size]},
         },
         "training": {
             "seed": state["seed"],
@@ -532,6 +581,7 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
         "metrics": {
             "train_iou": quality["train"]["mean_iou"] if quality else history[-1]["train_iou"],
             "held_out_iou": quality["held_out"]["mean_iou"] if quality else history[-1]["held_out_iou"],
+            "held_out_real_iou": quality["held_out_real"]["mean_iou"] if quality else None,
             "quality_float32": quality or None,
             "parity": parity,
             "history_tail": history[-5:],
@@ -540,9 +590,33 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
     if SWEEP_TABLE.exists():  # the bottleneck comparison travels with the model it informed
         metadata["metrics"]["bottleneck_sweep"] = json.loads(SWEEP_TABLE.read_text())
     write_artifact(out, metadata)
+    if data is not None:  # through the inference path (ONNX Runtime): what the pipeline will report
+        from discgeo.analysis import healthy_real_discs
+        from discgeo.artifacts import record_metric
+        from discgeo.encoding import Encoder
+
+        summary = json.loads((data / "summary.json").read_text())
+        figures = healthy_real_discs(Encoder.from_artifact(out), held_out=summary["held_out_real_subjects"])
+        print(json.dumps(figures))
+        record_metric(out, kind="autoencoder", name="real_healthy_discs", value=figures)
     if curve is not None:
         plot_history(history, curve)
     return metadata
+
+
+def unusual_shape_threshold(held_out_real_iou: np.ndarray) -> dict[str, Any]:
+    """The ``unusual_shape`` rule: reconstruction IoU below the lower Tukey fence (first quartile
+    minus 1.5 interquartile ranges) of the held-out real discs, i.e. an outlier among healthy discs
+    the autoencoder never saw."""
+    q1, q3 = np.percentile(held_out_real_iou, [25, 75])
+    fence = float(q1 - 1.5 * (q3 - q1))
+    return {
+        "below_iou": round(fence, 4),
+        "rule": "lower Tukey fence of the held-out real discs' IoU: 25th percentile - 1.5 x (75th - 25th)",
+        "held_out_real_discs": len(held_out_real_iou),
+        "percentiles": {"p25": round(float(q1), 4), "p75": round(float(q3), 4)},
+        "held_out_real_below": int((held_out_real_iou < fence).sum()),
+    }
 
 
 def main() -> None:
@@ -574,12 +648,13 @@ def main() -> None:
     )
     t.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="bf16 autocast for training steps (float32 weights and evaluation)",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 where the hardware runs it natively, else fp32; bf16 autocast for training steps (float32 weights and evaluation)",
     )
     t.add_argument("--stop-iou", type=float, default=STOP_IOU, help=f"stop above this train IoU ({STOP_IOU})")
     t.add_argument("--checkpoint-every", type=int, default=1, help="write RUN/last.pt every N epochs")
+    t.add_argument("--monitor", type=int, help="log the training IoU of this many fixed crops (default: all)")
     w = sub.add_parser("sweep", help="same epoch budget for several bottlenecks, then a table")
     w.add_argument("--data", type=Path, default=ROOT / "build" / "ae-data")
     w.add_argument("--runs", type=Path, default=ROOT / "build" / "ae-sweep")
@@ -612,6 +687,7 @@ def main() -> None:
             lr=args.lr,
             stop_iou=args.stop_iou,
             checkpoint_every=args.checkpoint_every,
+            monitor=args.monitor,
         )
     elif args.command == "sweep":
         sweep(

@@ -3,7 +3,7 @@
     python -m training.segmenter data   --out build/seg-data --phantoms 60 [--spider /path/to/SPIDER]
                                         [--workers N]   (phantoms made in N processes)
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|wide|gpu]
-                                        [--real-weight 5] [--exclude case-NN] [--precision bf16|fp32]
+                                        [--real-weight 5] [--exclude case-NN] [--precision auto|bf16|fp32]
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
                                         [--snapshots-from EPOCH]   (keep RUN/epoch-NNN.pt from then on)
                                         [--workers N]   (augmentation in N processes: needed on a GPU)
@@ -55,7 +55,7 @@ import torch
 
 from discgeo.config import SEGMENTER_MODES
 from discgeo.segmentation import binarise, normalise, resample, sliding_window
-from training.torchrun import autocast, device, lr_schedule, save_checkpoint, set_lr
+from training.torchrun import autocast, device, lr_schedule, resolve_precision, save_checkpoint, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
@@ -325,13 +325,14 @@ def train(
     exclude: list[str],
     steps_per_epoch: int,
     real_weight: int = 1,
-    precision: str = "bf16",
+    precision: str = "auto",
     lr: float | None = None,
     snapshots_from: int | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Train (or resume) a run; with ``snapshots_from``, the weights of every epoch from that one
     (1-based) on are also kept as ``RUN/epoch-NNN.pt`` for :func:`average`."""
+    precision = resolve_precision(precision)
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -824,9 +825,9 @@ def main() -> None:
     )
     t.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="bf16 autocast for training steps (float32 weights, validation and export)",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 where the hardware runs it natively, else fp32; bf16 autocast for training steps (float32 weights, validation and export)",
     )
     t.add_argument(
         "--snapshots-from",

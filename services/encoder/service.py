@@ -1,9 +1,12 @@
-"""Encoder service: packed binary disc crops in, latent codes and reconstruction IoU out.
+"""Encoder service: a disc label map (or packed crops) in, latent codes and reconstruction IoU out.
 
     bentoml serve services/encoder/service.py:Encoder --port 3002
 
-``Encoder`` (HTTP, one file per request) hands the crops to ``EncoderModel``, whose batchable API
-lets BentoML's adaptive batching merge concurrent requests into one ONNX Runtime call.
+``/encode_discs`` takes a label map (NIfTI) and crops every disc as the artifact prescribes (its
+``crop_size`` and ``crop_spacing_mm``): the pipeline's path. ``/encode`` takes crops already cut to that
+spec (packed bits, ``discgeo.encoding.pack_crops``). ``Encoder`` (HTTP, one file per request) hands
+the crops to ``EncoderModel``, whose batchable API lets BentoML's adaptive batching merge concurrent
+requests into one ONNX Runtime call.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from pydantic import BaseModel
 
 from discgeo import __version__
 from discgeo.config import Settings
+from discgeo.encoding import CropSpec, disc_crops, unpack_crops
 from discgeo.encoding import Encoder as OnnxEncoder
-from discgeo.encoding import unpack_crops
+from discgeo.io.nifti import nifti_from_bytes
 from discgeo.serving import DISCS, INPUT_BYTES, record_model, stage_request
 
 STAGE = "encoder"
@@ -26,8 +30,14 @@ STAGE = "encoder"
 class Latents(BaseModel):
     latents: list[list[float]]
     reconstruction_iou: list[float]
+    unusual_shape: list[bool]
     model_version: str
     provider: str
+
+
+class DiscLatents(Latents):
+    levels: list[str]
+    too_large: list[dict]
 
 
 @bentoml.service(
@@ -53,7 +63,13 @@ class EncoderModel:
 
     @bentoml.api
     def info(self) -> dict:
-        return {"version": self.model.version, "provider": self.model.provider}
+        return {
+            "version": self.model.version,
+            "provider": self.model.provider,
+            "crop_size": self.model.crop_spec.size,
+            "crop_spacing_mm": list(self.model.crop_spec.spacing_mm),
+            "unusual_below": self.model.unusual_below,
+        }
 
 
 @bentoml.service(
@@ -65,22 +81,44 @@ class Encoder:
     model = bentoml.depends(EncoderModel)
 
     def __init__(self) -> None:
+        self.settings = Settings.from_env()
         self.details: dict | None = None
+
+    async def _details(self) -> dict:
+        if self.details is None:
+            self.details = await self.model.to_async.info()
+        return self.details
+
+    async def _encode(self, array: np.ndarray) -> Latents:
+        details = await self._details()
+        out = await self.model.to_async.encode(array) if len(array) else np.zeros((0, 5), np.float32)
+        DISCS.labels(stage=STAGE).inc(len(array))
+        quality = out[:, -1]
+        below = details["unusual_below"]
+        return Latents(
+            latents=out[:, :-1].tolist(),
+            reconstruction_iou=quality.tolist(),
+            unusual_shape=[below is not None and float(q) < below for q in quality],
+            model_version=details["version"],
+            provider=details["provider"],
+        )
 
     @bentoml.api(route="/encode")
     async def encode(self, crops: Path) -> Latents:
-        """Encode the crops of a packed-bits .npz (see discgeo.encoding.pack_crops)."""
+        """Encode the crops of a packed-bits .npz cut to the artifact's crop spec (see ``/encode_discs``)."""
         with stage_request(STAGE):
             data = crops.read_bytes()
             INPUT_BYTES.labels(stage=STAGE).observe(len(data))
-            array = unpack_crops(data)
-            if self.details is None:
-                self.details = await self.model.to_async.info()
-            out = await self.model.to_async.encode(array) if len(array) else np.zeros((0, 5), np.float32)
-            DISCS.labels(stage=STAGE).inc(len(array))
-            return Latents(
-                latents=out[:, :-1].tolist(),
-                reconstruction_iou=out[:, -1].tolist(),
-                model_version=self.details["version"],
-                provider=self.details["provider"],
-            )
+            array = unpack_crops(data, size=(await self._details())["crop_size"])
+            return await self._encode(array)
+
+    @bentoml.api(route="/encode_discs")
+    async def encode_discs(self, labels: Path) -> DiscLatents:
+        """Crop every disc of a label map (NIfTI) as the artifact prescribes and encode the crops."""
+        with stage_request(STAGE):
+            data = labels.read_bytes()
+            INPUT_BYTES.labels(stage=STAGE).observe(len(data))
+            volume = nifti_from_bytes(data, settings=self.settings, labels=True, name="labels")
+            crops = disc_crops(volume, spec=CropSpec.from_metadata(await self._details()))
+            encoded = await self._encode(crops.crops)
+            return DiscLatents(**encoded.model_dump(), levels=crops.levels, too_large=crops.too_large)

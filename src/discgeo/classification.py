@@ -1,10 +1,16 @@
-"""Disc-narrowing classifier on latent + geometric features (scikit-learn), stored safely with skops.
+"""Disc-narrowing classifier on latent, geometric and patient-relative features (scikit-learn),
+stored safely with skops.
 
 Feature sets (:func:`feature_sets`): ``latent`` (the autoencoder's code), ``geometric`` (the
-reference study's six features in mm/degrees, :data:`discgeo.geometry.REFERENCE_FEATURES`) and
-``combined`` (both). Models: gradient boosting (``HistGradientBoostingClassifier``) and a
-logistic-regression baseline, each after standard scaling, with isotonic/sigmoid calibration of the
-probabilities by internal cross-validation.
+reference study's six features in mm/degrees, :data:`discgeo.geometry.REFERENCE_FEATURES`),
+``combined`` (both), ``relative`` (:data:`RELATIVE_FEATURES`: how the disc compares with the patient's
+own discs and with its level, as radiologists grade narrowing) and ``all``. The relative features use
+level-normalised heights ``n = mean height / the level's real reference median``
+(:mod:`discgeo.reference`): ``height_vs_adjacent`` = n over the mean n of the adjacent discs (1 without
+neighbours), ``height_vs_patient`` = n over the median n of the patient's discs, ``height_vs_level`` =
+n, ``height_to_width_ratio`` (mean height / AP width) and ``level_index`` (0 = L5-S1). Models:
+gradient boosting (``HistGradientBoostingClassifier``) and a logistic-regression baseline, each after
+standard scaling, with sigmoid calibration of the probabilities by internal cross-validation.
 """
 
 from __future__ import annotations
@@ -27,10 +33,67 @@ def latent_names(dim: int) -> tuple[str, ...]:
     return tuple(f"latent_{i}" for i in range(dim))
 
 
+RELATIVE_FEATURES = (
+    "height_vs_adjacent",
+    "height_vs_patient",
+    "height_vs_level",
+    "height_to_width_ratio",
+    "level_index",
+)
+
+
 def feature_sets(latent_dim: int) -> dict[str, tuple[str, ...]]:
-    """The three feature sets compared by the study."""
+    """The study's three feature sets, the patient-relative one, and all together."""
     latent = latent_names(latent_dim)
-    return {"latent": latent, "geometric": REFERENCE_FEATURES, "combined": latent + REFERENCE_FEATURES}
+    return {
+        "latent": latent,
+        "geometric": REFERENCE_FEATURES,
+        "combined": latent + REFERENCE_FEATURES,
+        "relative": RELATIVE_FEATURES,
+        "all": latent + REFERENCE_FEATURES + RELATIVE_FEATURES,
+    }
+
+
+def relative_features(discs: Sequence[Any]) -> list[dict[str, float]]:
+    """The relative features of one patient's discs (objects with ``level``, ``mean_height_mm`` and
+    ``height_to_width_ratio``, e.g. :class:`discgeo.schemas.DiscGeometry`), in the given order."""
+    from discgeo import reference
+
+    order = sorted(range(len(discs)), key=lambda i: reference.level_index(discs[i].level))
+    index = {i: reference.level_index(discs[i].level) for i in order}
+    norm = {
+        i: float(discs[i].mean_height_mm) / reference.expected("mean_height_mm", discs[i].level)
+        for i in order
+    }
+    median = float(np.median(list(norm.values()))) if norm else 1.0
+    out = []
+    for i in range(len(discs)):
+        neighbours = [norm[j] for j in order if abs(index[j] - index[i]) == 1]
+        out.append(
+            {
+                "height_vs_adjacent": norm[i] / float(np.mean(neighbours)) if neighbours else 1.0,
+                "height_vs_patient": norm[i] / median,
+                "height_vs_level": norm[i],
+                "height_to_width_ratio": float(discs[i].height_to_width_ratio),
+                "level_index": float(index[i]),
+            }
+        )
+    return out
+
+
+def disc_features(discs: Sequence[Any], latents: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Every feature of each disc that has a latent code, by level: latents, the reference study's
+    geometric features and the relative ones (the classifier takes the ones it was trained on)."""
+    relative = relative_features(discs)
+    rows = {}
+    for disc, rel in zip(discs, relative, strict=True):
+        if disc.level not in latents:
+            continue
+        row = {f"latent_{i}": float(v) for i, v in enumerate(latents[disc.level])}
+        row.update({name: float(getattr(disc, name)) for name in REFERENCE_FEATURES})
+        row.update(rel)
+        rows[disc.level] = row
+    return rows
 
 
 def make_model(kind: str = "boosting", *, seed: int = 0, calibrate: bool = True) -> Any:

@@ -2,14 +2,16 @@
 
 Disc crops
 ----------
-Each disc mask is taken in RAS+ voxel order (the canonical orientation of every discgeo volume),
-resampled to an isotropic grid of :data:`CROP_SPACING_MM` along those voxel axes and centred by its
-bounding box in a 64x64x64 cube. 1 mm masks are copied voxel for voxel; other spacings go through
-trilinear interpolation binarised with the volume kept (a threshold of 0.5 alone made 1 mm discs one
-voxel longer along each axis of odd extent: up to +16 % volume on the real cases). Size and tilt are
-kept: no rescaling, no rotation, as in the reference study. 1.0 mm covers 64 mm, more than the
-lateral width of lumbar discs (about 40-60 mm), and keeps 5-12 voxels across a disc's height. A disc
-whose bounding box exceeds the cube is reported in :class:`CropResult.too_large`, never cut.
+The encoder artifact owns its preprocessing: its ``metadata.json`` states the crop's size (voxels per
+side) and its spacing in mm along each RAS+ voxel axis (:class:`CropSpec`); :meth:`Encoder.crop` cuts
+every disc of a label map accordingly, so nothing else in the pipeline knows those numbers. Each disc
+mask is taken in RAS+ voxel order (the canonical orientation of every discgeo volume), resampled to
+that grid and centred by its bounding box. Where the crop spacing is a whole multiple of the mask's
+along an axis, the mask is copied voxel for voxel; elsewhere trilinear interpolation is binarised with
+the volume kept (a threshold of 0.5 alone made 1 mm discs one voxel longer along each axis of odd
+extent: up to +16 % volume on the real cases). Size and tilt are kept: no rescaling, no rotation, as in
+the reference study. A disc whose bounding box exceeds the cube is reported in
+:class:`CropResult.too_large`, never cut.
 """
 
 from __future__ import annotations
@@ -33,8 +35,31 @@ from discgeo.volume import Volume
 
 log = logging.getLogger(__name__)
 
-CROP_SIZE = 64
-CROP_SPACING_MM = 1.0
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Crop size (voxels per side) and spacing (mm along the R, A and S voxel axes)."""
+
+    size: int
+    spacing_mm: tuple[float, float, float]
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> CropSpec:
+        """From an encoder artifact's ``crop_size`` and ``crop_spacing_mm`` (one number or three)."""
+        spacing = metadata["crop_spacing_mm"]
+        values = [float(spacing)] * 3 if isinstance(spacing, int | float) else [float(v) for v in spacing]
+        if len(values) != 3 or min(values) <= 0:
+            raise ValueError(f"crop_spacing_mm must be one or three positive numbers, not {spacing!r}")
+        return cls(int(metadata["crop_size"]), (values[0], values[1], values[2]))
+
+    @property
+    def extent_mm(self) -> tuple[float, float, float]:
+        """What the cube covers along each axis."""
+        return (
+            self.size * self.spacing_mm[0],
+            self.size * self.spacing_mm[1],
+            self.size * self.spacing_mm[2],
+        )
 
 
 @dataclass
@@ -47,10 +72,8 @@ class CropResult:
     too_large: list[dict[str, Any]] = field(default_factory=list)
 
 
-def crop_disc(
-    mask: np.ndarray, affine: np.ndarray, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM
-) -> np.ndarray | None:
-    """Crop one disc (boolean mask on a RAS+-ordered grid) into a ``size``^3 cube; None if it does not fit.
+def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.ndarray | None:
+    """Crop one disc (boolean mask on a RAS+-ordered grid) into the ``spec`` cube; None if it does not fit.
 
     The cube's axes follow the mask's voxel axes (after the canonical reordering), so an oblique
     acquisition keeps its obliqueness, as in the reference study. Where the crop spacing is a whole
@@ -65,6 +88,8 @@ def crop_disc(
     lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
     hi = (idx.max(axis=0) + 0.5) * spacing
     extent = hi - lo
+    size = spec.size
+    spacing_mm = np.asarray(spec.spacing_mm)
     if np.any(extent > size * spacing_mm):
         return None
     # target voxel t (0..size-1) sits at the box centre + (t - (size-1)/2) * spacing_mm along each axis,
@@ -85,7 +110,7 @@ def crop_disc(
     return binarise(values).astype(np.uint8)
 
 
-def disc_crops(labels: Volume, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> CropResult:
+def disc_crops(labels: Volume, *, spec: CropSpec) -> CropResult:
     """Crops of every disc of a label map (disc identification as in :func:`discgeo.geometry.find_discs`)."""
     canonical = labels.canonical()
     array = np.asarray(canonical.array)
@@ -94,17 +119,18 @@ def disc_crops(labels: Volume, *, size: int = CROP_SIZE, spacing_mm: float = CRO
     discs, _, _ = find_discs(array, canonical.affine)
     crops, levels, values, too_large = [], [], [], []
     for disc in discs:
-        crop = crop_disc(disc.mask, disc.affine, size=size, spacing_mm=spacing_mm)
+        crop = crop_disc(disc.mask, disc.affine, spec=spec)
         if crop is None:
             spacing = np.linalg.norm(disc.affine[:3, :3], axis=0)
             idx = np.argwhere(disc.mask)
             extent = ((idx.max(axis=0) - idx.min(axis=0) + 1) * spacing).round(1).tolist()
             too_large.append({"level": disc.level, "label": disc.label, "extent_mm": extent})
-            log.warning("disc %s (%s mm) does not fit the %d mm crop", disc.level, extent, size * spacing_mm)
+            log.warning("disc %s (%s mm) does not fit the %s mm crop", disc.level, extent, spec.extent_mm)
             continue
         crops.append(crop)
         levels.append(disc.level)
         values.append(disc.label)
+    size = spec.size
     stacked = np.stack(crops) if crops else np.zeros((0, size, size, size), np.uint8)
     return CropResult(stacked, levels, values, too_large)
 
@@ -122,16 +148,18 @@ MAX_CROPS_PER_REQUEST = 256
 
 
 def pack_crops(crops: np.ndarray) -> bytes:
-    """Binary crops [N, 64, 64, 64] as a compressed .npz of packed bits (~1-3 kB per disc)."""
+    """Binary crops [N, S, S, S] (S a multiple of 8) as a compressed .npz of packed bits (~1-3 kB per disc)."""
     x = np.asarray(crops)
-    if x.ndim != 4 or x.shape[1:] != (CROP_SIZE, CROP_SIZE, CROP_SIZE):
-        raise InvalidDataError(f"crops must be [N, 64, 64, 64], got {list(x.shape)}")
+    if x.ndim != 4 or len(set(x.shape[1:])) != 1 or x.shape[1] % 8:
+        raise InvalidDataError(
+            f"crops must be cubes [N, S, S, S] with S a multiple of 8, got {list(x.shape)}"
+        )
     buffer = io.BytesIO()
     np.savez_compressed(buffer, packed=np.packbits(x.astype(bool), axis=-1), count=np.array(len(x)))
     return buffer.getvalue()
 
 
-def unpack_crops(data: bytes, *, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarray:
+def unpack_crops(data: bytes, *, size: int, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarray:
     """Inverse of :func:`pack_crops`, with validation (a clear error for anything else)."""
     if not data.startswith(b"PK"):
         raise UnsupportedFormatError("crops must be an .npz archive (see discgeo.encoding.pack_crops)")
@@ -142,7 +170,7 @@ def unpack_crops(data: bytes, *, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarr
         raise UnsupportedFormatError(
             f"crops must be an .npz with 'packed' bits and 'count' ({exc})"
         ) from None
-    expected = (count, CROP_SIZE, CROP_SIZE, CROP_SIZE // 8)
+    expected = (count, size, size, size // 8)
     if packed.dtype != np.uint8 or packed.shape != expected:
         raise InvalidDataError(
             f"packed crops must be uint8 {list(expected)}, got {packed.dtype} {list(packed.shape)}"
@@ -165,7 +193,8 @@ class Encoder:
         self.folder = folder
         self.metadata = metadata
         self.version = str(metadata["version"])
-        self.crop_spacing_mm = float(metadata["crop_spacing_mm"])
+        self.crop_spec = CropSpec.from_metadata(metadata)
+        self.unusual_below = _unusual_threshold(metadata)
         files = metadata["files"]
         self.encoder = open_session(folder / files["encoder"], providers, threads)
         self.decoder = open_session(folder / files["decoder"], providers, threads)
@@ -181,41 +210,56 @@ class Encoder:
         folder, metadata = load_artifact(path, kind="autoencoder")
         return cls(folder, metadata, providers, threads)
 
+    def crop(self, labels: Volume) -> CropResult:
+        """Crops of every disc of a label map, as this encoder was trained on them."""
+        return disc_crops(labels, spec=self.crop_spec)
+
     @property
     def provider(self) -> str:
         """The ONNX Runtime execution provider in use."""
         return str(self.encoder.get_providers()[0])
 
     def encode(self, crops: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Latent codes [N, latent_dim] of binary crops [N, 64, 64, 64] (or [N, 1, 64, 64, 64])."""
-        x = _as_batch(crops)
+        """Latent codes [N, latent_dim] of binary crops [N, S, S, S] (or [N, 1, S, S, S])."""
+        x = _as_batch(crops, self.crop_spec.size)
         out = [
             self.encoder.run(None, {"crops": x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, self.latent_dim), np.float32)
 
     def decode(self, latents: np.ndarray, *, batch_size: int = 32) -> np.ndarray:
-        """Occupancy probabilities [N, 64, 64, 64] decoded from latents [N, latent_dim]."""
+        """Occupancy probabilities [N, S, S, S] decoded from latents [N, latent_dim]."""
         z = np.ascontiguousarray(latents, dtype=np.float32)
         out = [
             self.decoder.run(None, {"latents": z[i : i + batch_size]})[0]
             for i in range(0, len(z), batch_size)
         ]
-        return (
-            np.concatenate(out)[:, 0] if out else np.zeros((0, CROP_SIZE, CROP_SIZE, CROP_SIZE), np.float32)
-        )
+        size = self.crop_spec.size
+        return np.concatenate(out)[:, 0] if out else np.zeros((0, size, size, size), np.float32)
 
     def encode_with_quality(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Latents and per-disc reconstruction IoU (low = a shape unlike the training data)."""
         latents = self.encode(crops)
         recon = self.decode(latents) >= 0.5
-        return latents, iou(recon, _as_batch(crops)[:, 0] >= 0.5)
+        return latents, iou(recon, _as_batch(crops, self.crop_spec.size)[:, 0] >= 0.5)
+
+    def is_unusual(self, reconstruction_iou: float) -> bool:
+        """True when a disc reconstructs worse than this artifact's ``unusual_shape`` threshold."""
+        return self.unusual_below is not None and reconstruction_iou < self.unusual_below
 
 
-def _as_batch(crops: np.ndarray) -> np.ndarray:
+def _unusual_threshold(metadata: dict[str, Any]) -> float | None:
+    """The artifact's ``unusual_shape`` IoU threshold (None: the artifact defines none)."""
+    entry = metadata.get("unusual_shape")
+    return None if entry is None else float(entry["below_iou"])
+
+
+def _as_batch(crops: np.ndarray, size: int) -> np.ndarray:
     x = np.asarray(crops)
     if x.ndim == 4:
         x = x[:, None]
-    if x.ndim != 5 or x.shape[1:] != (1, CROP_SIZE, CROP_SIZE, CROP_SIZE):
-        raise InvalidDataError(f"crops must be [N, 64, 64, 64] or [N, 1, 64, 64, 64], got {list(x.shape)}")
+    if x.ndim != 5 or x.shape[1:] != (1, size, size, size):
+        raise InvalidDataError(
+            f"crops must be [N, {size}, {size}, {size}] or [N, 1, {size}, {size}, {size}], got {list(x.shape)}"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -25,26 +25,40 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
 
-from discgeo import levels
+from discgeo import levels, reference
 from discgeo.volume import Volume
 
 Contrast = Literal["t1", "t2"]
 TRUTH_GRID_MM = 0.08
 
-# Normal disc height per level relative to the patient's base height, lowest disc first.
-_LEVEL_HEIGHT = (0.95, 1.08, 1.02, 0.94, 0.86, 0.74, 0.66, 0.62)
-# Prior probability of narrowing per level for a 50-year-old, lowest disc first.
-_LEVEL_NARROWING = (0.30, 0.30, 0.17, 0.11, 0.08, 0.05, 0.05, 0.05)
+# Prior probability of narrowing per level for an older patient, lowest disc first (more common low
+# in the spine); a young adult's is a fifth of it.
+_LEVEL_NARROWING = (0.34, 0.34, 0.20, 0.13, 0.09, 0.06, 0.06, 0.06)
 LABEL_NOISE = 0.07
-# Mean disc wedge per level in degrees (lordotic lumbar discs, flat thoracolumbar ones), lowest first.
-_LEVEL_WEDGE = (11.0, 8.0, 6.0, 4.0, 2.5, 0.5, -1.0, -1.5)
+YOUNG_ADULT_SHARE = 0.4
+# Wedge per lumbar level in degrees, lowest first, from the reference's anterior minus posterior height
+# (flat thoracolumbar discs above).
+_LEVEL_WEDGE = (9.0, 7.0, 4.0, 1.3, 0.3, 0.0, -1.0, -1.5)
+_LEVEL_WEDGE_SD = (3.6, 2.5, 2.0, 2.4, 1.5, 1.5, 1.5, 1.5)
+# Superellipse exponent of the cross-section per level: the reference's area / (AP x lateral width) is
+# 0.77 at L5-S1 (an ellipse, p = 2) and 0.86 from L3-L4 up (p ~ 3).
+_LEVEL_SQUARENESS = (2.0, 2.2, 2.9, 3.0, 2.9, 2.9, 2.9, 2.9)
+# Endplate dome as a fraction of the rim thickness per level: real discs are biconvex, their middle
+# height 1.21 x the mean at L5-S1 and L4-L5, 1.27-1.29 x above (the reference).
+_DOME_RATIO = (0.55, 0.55, 0.95, 0.95, 0.9, 0.9, 0.9, 0.9)
+# Shared share of the patient-level size variation (height, AP and lateral width grow together): makes
+# the disc volume's between-patient spread that of the reference (log SD 0.25).
+_SIZE_CORRELATION = 0.64
+# Older patients (41-82 years, beyond the young-adult reference): normal discs a little lower, wider
+# and more variable (a documented assumption, not measured here).
+_OLDER = {"height": 0.95, "width": 1.06, "spread": 1.4}
 
 # Tissue classes and their (T1, T2) intensities before texture, bias and noise.
 _TISSUES: dict[str, tuple[float, float]] = {
@@ -172,9 +186,10 @@ class DiscTruth:
 
     index: int
     slab: Slab
-    narrowed: bool
-    graded: bool
+    narrowed: bool  # the generator's state: drawn as degenerated and thinned
+    graded: bool  # the narrowing rule on the exact geometry, with label noise
     degeneration: float
+    measured: dict[str, float] = field(default_factory=dict)  # disc_truth(slab), once graded
 
     @property
     def level(self) -> str:
@@ -201,26 +216,45 @@ class Anatomy:
     fat_back: float
     fat_front: float
     age: float
-    base_height: float
+    population: str  # "young-adult" (20-40, the real reference's range) or "older" (41-82)
 
 
 def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
-    age = float(rng.uniform(22, 82))
-    base_h = float(rng.normal(10.8, 0.9))
-    age_factor = 0.35 + 1.3 * (age - 22) / 60
+    """Draw one patient's anatomy (see the module docstring; sizes from :mod:`discgeo.reference`)."""
+    young = bool(rng.random() < YOUNG_ADULT_SHARE)
+    age = float(rng.uniform(20, 40)) if young else float(rng.uniform(41, 82))
+    older = _OLDER if not young else {"height": 1.0, "width": 1.0, "spread": 1.0}
+    narrowing_factor = 0.2 if young else 0.5 + (age - 41) / 41
     sacral_slope = float(rng.uniform(-42, -28))  # the L5-S1 endplate faces anteriorly
-    scale = float(rng.normal(1.0, 0.06))  # body size
     frontal = float(rng.normal(0, 1.5))
     axial = float(rng.normal(0, 1.5))
+    # patient-level log scales of disc height, AP and lateral width: a shared size part plus own parts
+    size = float(rng.normal())
+    patient = {}
+    for measure in ("mean_height_mm", "ap_width_mm", "lateral_width_mm"):
+        sd = reference.log_sd(measure, levels.level_name(0))[0] * older["spread"]
+        own = float(rng.normal())
+        patient[measure] = sd * (math.sqrt(_SIZE_CORRELATION) * size + math.sqrt(1 - _SIZE_CORRELATION) * own)
+    scale = math.exp(patient["ap_width_mm"])  # vertebral body size follows the discs'
+
+    def normal_size(measure: str, level: str, factor: float) -> float:
+        sd = reference.log_sd(measure, level)[1] * older["spread"]
+        return (
+            reference.expected(measure, level)
+            * factor
+            * math.exp(patient[measure] + float(rng.normal(0, sd)))
+        )
 
     point = np.zeros(3)
     angle = sacral_slope
     disc_truths: list[DiscTruth] = []
+    noise_coins: list[float] = []
     vertebrae: list[list[Shape]] = []
     canal: list[Box] = []
     line = [point.copy()]
     sac_basis = frame_basis(angle, frontal, axial)
-    sac_a, sac_b = 20.0 * scale, 24.0 * scale
+    sac_a = reference.expected("ap_width_mm", levels.level_name(0)) / 2 * scale + 1.0
+    sac_b = sac_a * 1.25
     sacrum = Slab(
         center=point - 20.0 * sac_basis[:, 2],
         basis=sac_basis,
@@ -234,18 +268,27 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
     canal_half_width = float(rng.uniform(10, 12))
     prev_ap = sac_a * 2
     for index in range(n_discs):
-        level_h = _LEVEL_HEIGHT[min(index, len(_LEVEL_HEIGHT) - 1)]
-        p_narrow = min(0.9, _LEVEL_NARROWING[min(index, len(_LEVEL_NARROWING) - 1)] * age_factor)
+        level = levels.level_name(index)
+        p_narrow = min(0.9, _LEVEL_NARROWING[min(index, len(_LEVEL_NARROWING) - 1)] * narrowing_factor)
         narrowed = bool(rng.random() < p_narrow)
-        height = base_h * level_h * float(rng.normal(1.0, 0.07))
-        degeneration = float(rng.uniform(0.28, 0.55)) if narrowed else float(rng.uniform(0.0, 0.12))
-        height *= 1.0 - degeneration
-        wedge = float(rng.normal(_LEVEL_WEDGE[min(index, len(_LEVEL_WEDGE) - 1)], 2.0)) * (
-            1.0 - 0.6 * degeneration
-        )
-        ap = float(rng.normal(42.0 - 1.2 * index, 2.0)) * scale + (rng.uniform(0.5, 2.5) if narrowed else 0.0)
-        lat = ap * float(rng.normal(1.35, 0.06))
-        dome = float(rng.uniform(0.6, 1.6)) * (1.0 - degeneration)
+        mean_height = normal_size("mean_height_mm", level, older["height"])
+        degeneration = float(rng.uniform(0.28, 0.55)) if narrowed else 0.0
+        mean_height *= 1.0 - degeneration
+        at = min(index, len(_LEVEL_WEDGE) - 1)
+        ap = normal_size("ap_width_mm", level, older["width"]) + (rng.uniform(0.5, 2.5) if narrowed else 0.0)
+        lat = normal_size("lateral_width_mm", level, older["width"])
+        p = float(rng.uniform(-0.2, 0.2)) + _LEVEL_SQUARENESS[at]
+        dome_ratio = max(0.1, float(rng.normal(_DOME_RATIO[at], 0.2))) * (1.0 - degeneration)
+        # mean height = h + dome * E[1 - rho^2] = h + dome / 2 (rho^2 is uniform on [0, 1] over any
+        # superellipse); dome = ratio * h
+        height = mean_height / (1.0 + dome_ratio / 2.0)
+        dome = dome_ratio * height
+        # the wedge grows with the disc's thickness (anterior heights vary most in the reference)
+        typical = reference.expected("mean_height_mm", level) / (1.0 + _DOME_RATIO[at] / 2.0)
+        slope = 2.0 * math.tan(math.radians(_LEVEL_WEDGE[at]) / 2.0) / typical
+        slope_sd = 2.0 * math.tan(math.radians(_LEVEL_WEDGE_SD[at]) / 2.0) / typical
+        gradient = height * float(rng.normal(slope, slope_sd)) * (1.0 - 0.6 * degeneration)
+        wedge = math.degrees(2.0 * math.atan(gradient / 2.0))
         mid = angle + wedge / 2.0
         basis = frame_basis(mid, frontal, axial)
         center = point + (height / 2.0) * basis[:, 2]
@@ -254,14 +297,14 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
             basis=basis,
             a=ap / 2,
             b=lat / 2,
-            p=float(rng.uniform(2.1, 2.6)),
+            p=p,
             h=height,
             wedge_deg=wedge,
             dome=dome,
         )
-        graded = narrowed if rng.random() >= LABEL_NOISE else not narrowed
+        noise_coins.append(float(rng.random()))
         disc_truths.append(
-            DiscTruth(index=index, slab=slab, narrowed=narrowed, graded=graded, degeneration=degeneration)
+            DiscTruth(index=index, slab=slab, narrowed=narrowed, graded=narrowed, degeneration=degeneration)
         )
         canal.append(
             Box(
@@ -316,7 +359,7 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         angle = v_mid + v_wedge / 2.0
         prev_ap = v_ap
     return Anatomy(
-        discs=disc_truths,
+        discs=_grade(disc_truths, noise_coins),
         vertebrae=vertebrae,
         sacrum=sacrum,
         canal=canal,
@@ -326,8 +369,19 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         fat_back=float(rng.uniform(8, 30)),
         fat_front=float(rng.uniform(10, 35)),
         age=age,
-        base_height=base_h,
+        population="young-adult" if young else "older",
     )
+
+
+def _grade(discs: list[DiscTruth], noise_coins: list[float]) -> list[DiscTruth]:
+    """The graded label: the narrowing rule of :mod:`discgeo.reference` on the exact mean heights,
+    then flipped with probability :data:`LABEL_NOISE`."""
+    measured = [disc_truth(d.slab) for d in discs]
+    rule = reference.narrowed_by_rule([m["mean_height_mm"] for m in measured], [d.level for d in discs])
+    return [
+        replace(d, graded=bool(flag) != (coin < LABEL_NOISE), measured=m)
+        for d, flag, coin, m in zip(discs, rule, noise_coins, measured, strict=True)
+    ]
 
 
 # ------------------------------------------------------------------------------------------- truth
@@ -617,6 +671,7 @@ def make_case(
         "shape": list(grid.shape),
         "affine": affine.tolist(),
         "age": round(anatomy.age, 1),
+        "population": anatomy.population,
         "discs": [
             {
                 **_disc_record(d),
@@ -643,14 +698,14 @@ def make_truth(seed: int, case: int = 0, *, n_discs: int | None = None) -> list[
     rng = np.random.default_rng([seed, case, 1])
     count = n_discs if n_discs is not None else int(rng.integers(5, 8))
     anatomy = _make_anatomy(rng, count)
-    return [_disc_record(d) for d in anatomy.discs]
+    return [{**_disc_record(d), "population": anatomy.population} for d in anatomy.discs]
 
 
 def _disc_record(d: DiscTruth) -> dict[str, Any]:
     return {
         "level": d.level,
         "label": d.label,
-        **{k: round(v, 5) for k, v in disc_truth(d.slab).items()},
+        **{k: round(v, 5) for k, v in (d.measured or disc_truth(d.slab)).items()},
         "narrowing": int(d.graded),
         "narrowing_generator": int(d.narrowed),
         "degeneration": round(d.degeneration, 4),

@@ -23,16 +23,19 @@ from discgeo.volume import Volume
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LOW_RECONSTRUCTION_IOU = 0.75
 FEW_DISCS = 4
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """Latents and reconstruction quality of a batch of crops."""
+    """Latents and reconstruction quality of every disc the encoder could crop, by level; the
+    ``unusual`` flag is the encoder artifact's own threshold on the reconstruction IoU."""
 
+    levels: list[str]
     latents: np.ndarray
     reconstruction_iou: np.ndarray
+    unusual: list[bool]
+    too_large: list[dict[str, Any]]
 
 
 class Stages(Protocol):
@@ -42,7 +45,7 @@ class Stages(Protocol):
 
     def measure(self, labels: Volume) -> GeometryResult: ...
 
-    def encode(self, crops: np.ndarray) -> Encoded: ...
+    def encode(self, labels: Volume) -> Encoded: ...
 
     def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction: ...
 
@@ -73,9 +76,11 @@ class LocalStages:
 
         return measure_discs(labels)
 
-    def encode(self, crops: np.ndarray) -> Encoded:
-        latents, quality = self.encoder.encode_with_quality(crops)
-        return Encoded(latents, quality)
+    def encode(self, labels: Volume) -> Encoded:
+        crops = self.encoder.crop(labels)
+        latents, quality = self.encoder.encode_with_quality(crops.crops)
+        unusual = [self.encoder.is_unusual(float(q)) for q in quality]
+        return Encoded(crops.levels, latents, quality, unusual, crops.too_large)
 
     def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction:
         p, labels = self.classifier.predict(list(rows))
@@ -206,22 +211,28 @@ class RemoteStages:
         )
         return GeometryResult.model_validate(response.json())
 
-    def encode(self, crops: np.ndarray) -> Encoded:
-        from discgeo.encoding import pack_crops
+    def encode(self, labels: Volume) -> Encoded:
+        from discgeo.io.nifti import nifti_to_bytes
 
-        payload = pack_crops(crops)
+        payload = nifti_to_bytes(labels)
         response = self._call(
             "encoder",
             lambda t: self.client.post(
-                self.urls.encoder + "/encode",
-                files={"crops": ("crops.npz", payload, "application/octet-stream")},
+                self.urls.encoder + "/encode_discs",
+                files={"labels": ("labels.nii.gz", payload, "application/gzip")},
                 timeout=t,
             ),
         )
         body = response.json()
         self._versions["encoder"] = body["model_version"]
-        latents = np.asarray(body["latents"], dtype=np.float32).reshape(len(crops), -1)
-        return Encoded(latents, np.asarray(body["reconstruction_iou"], dtype=np.float64))
+        count = len(body["levels"])
+        return Encoded(
+            list(body["levels"]),
+            np.asarray(body["latents"], dtype=np.float32).reshape(count, -1),
+            np.asarray(body["reconstruction_iou"], dtype=np.float64),
+            [bool(v) for v in body["unusual_shape"]],
+            list(body["too_large"]),
+        )
 
     def classify(self, rows: Sequence[dict[str, float]]) -> NarrowingPrediction:
         response = self._call(
@@ -260,8 +271,7 @@ def _timed(timings: dict[str, float], stage: str, fn: Callable[[], T]) -> T:
 
 def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tuple[StudyResult, Volume]:
     """Run every stage on one volume; returns the result and the disc label map (volume's grid)."""
-    from discgeo.encoding import disc_crops
-    from discgeo.geometry import REFERENCE_FEATURES
+    from discgeo.classification import disc_features
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -270,34 +280,32 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
     if not np.any(labels.array):
         raise InvalidDataError("no intervertebral disc was found in this volume")
     geometry = _timed(timings, "measure", lambda: stages.measure(labels))
-    crops = disc_crops(labels)
-    encoded = _timed(timings, "encode", lambda: stages.encode(crops.crops))
-    latent_by_level = {
-        level: (z, q)
-        for level, z, q in zip(crops.levels, encoded.latents, encoded.reconstruction_iou, strict=True)
+    encoded = _timed(timings, "encode", lambda: stages.encode(labels))
+    by_encoder = {
+        level: (z, float(q), unusual)
+        for level, z, q, unusual in zip(
+            encoded.levels, encoded.latents, encoded.reconstruction_iou, encoded.unusual, strict=True
+        )
     }
+    latents = {level: z for level, (z, _, _) in by_encoder.items()}
     rows, classified = [], []
-    for disc in geometry.discs:
-        if disc.level in latent_by_level:
-            z, _ = latent_by_level[disc.level]
-            row = {f"latent_{i}": float(v) for i, v in enumerate(z)}
-            row.update({name: float(getattr(disc, name)) for name in REFERENCE_FEATURES})
-            rows.append(row)
-            classified.append(disc.level)
+    for level, row in disc_features(geometry.discs, latents).items():
+        rows.append(row)
+        classified.append(level)
     prediction = _timed(timings, "classify", lambda: stages.classify(rows)) if rows else None
     by_level = (
         dict(zip(classified, zip(prediction.probabilities, prediction.labels, strict=True), strict=True))
         if prediction
         else {}
     )
-    too_large = {item["level"] for item in crops.too_large}
+    too_large = {item["level"] for item in encoded.too_large}
     discs = []
     for disc in geometry.discs:
         disc_flags = []
-        z_q = latent_by_level.get(disc.level)
+        z_q = by_encoder.get(disc.level)
         if disc.level in too_large:
             disc_flags.append("too_large_for_encoder")
-        if z_q is not None and z_q[1] < LOW_RECONSTRUCTION_IOU:
+        if z_q is not None and z_q[2]:
             disc_flags.append("unusual_shape")
         p_l = by_level.get(disc.level)
         discs.append(
@@ -306,7 +314,7 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
                 label=disc.label,
                 geometry=disc,
                 latents=[float(v) for v in z_q[0]] if z_q is not None else None,
-                reconstruction_iou=float(z_q[1]) if z_q is not None else None,
+                reconstruction_iou=z_q[1] if z_q is not None else None,
                 narrowing_probability=float(p_l[0]) if p_l else None,
                 narrowing=bool(p_l[1]) if p_l else None,
                 flags=disc_flags,

@@ -11,7 +11,8 @@ import pytest
 
 from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
-from discgeo.encoding import Encoder, disc_crops, pack_crops
+from discgeo.encoding import Encoder, pack_crops
+from discgeo.io.nifti import nifti_to_bytes
 from discgeo.io import read_labels
 from discgeo.local import ROOT, bentoml_service
 
@@ -42,20 +43,40 @@ def _encode(url: str, data: bytes) -> httpx.Response:
     )
 
 
-def test_encoder_over_http_matches_in_process(encoder_url, ivd_dir):
-    crops = disc_crops(read_labels(ivd_dir / "case-20_discs.nii.gz")).crops
+@pytest.fixture(scope="module")
+def local_encoder() -> Encoder:
+    return Encoder.from_artifact(Settings.from_env().artifact("autoencoder"))
+
+
+def test_encoder_over_http_matches_in_process(encoder_url, ivd_dir, local_encoder):
+    labels = read_labels(ivd_dir / "case-20_discs.nii.gz")
+    crops = local_encoder.crop(labels).crops
     response = _encode(encoder_url, pack_crops(crops))
     assert response.status_code == 200, response.text
     body = response.json()
-    local = Encoder.from_artifact(Settings.from_env().artifact("autoencoder"))
-    latents, quality = local.encode_with_quality(crops)
+    latents, quality = local_encoder.encode_with_quality(crops)
     assert np.allclose(body["latents"], latents, atol=1e-4)
     assert np.allclose(body["reconstruction_iou"], quality, atol=1e-6)
-    assert body["model_version"] == local.version and body["provider"] == "CPUExecutionProvider"
+    assert body["unusual_shape"] == [local_encoder.is_unusual(float(q)) for q in quality]
+    assert body["model_version"] == local_encoder.version and body["provider"] == "CPUExecutionProvider"
+    # the pipeline's path: the service crops the label map as its artifact prescribes
+    discs = httpx.post(
+        encoder_url + "/encode_discs",
+        files={"labels": ("labels.nii.gz", nifti_to_bytes(labels), "application/gzip")},
+        timeout=120,
+    )
+    assert discs.status_code == 200, discs.text
+    by_discs = discs.json()
+    assert by_discs["levels"] == ["L5-S1", "L4-L5", "L3-L4", "L2-L3", "L1-L2"] and by_discs["too_large"] == []
+    assert np.allclose(by_discs["latents"], latents, atol=1e-4)
+    bad = httpx.post(
+        encoder_url + "/encode_discs", files={"labels": ("labels.nii.gz", b"junk", "application/gzip")}
+    )
+    assert 400 <= bad.status_code < 500, bad.text
 
 
-def test_encoder_concurrent_requests_are_batched(encoder_url, ivd_dir):
-    crops = disc_crops(read_labels(ivd_dir / "case-11_discs.nii.gz")).crops
+def test_encoder_concurrent_requests_are_batched(encoder_url, ivd_dir, local_encoder):
+    crops = local_encoder.crop(read_labels(ivd_dir / "case-11_discs.nii.gz")).crops
     payloads = [pack_crops(crops[i % 5 : i % 5 + 1]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda p: _encode(encoder_url, p), payloads))

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 
 from discgeo.artifacts import load_artifact, write_artifact
-from discgeo.encoding import CROP_SIZE, crop_disc, disc_crops, iou, pack_crops, unpack_crops
+from discgeo import realdata
+from discgeo.encoding import CropSpec, crop_disc, disc_crops, iou, pack_crops, unpack_crops
 from discgeo.errors import ArtifactError, InvalidDataError, TooLargeError, UnsupportedFormatError
 from discgeo.geometry import find_discs, measure_disc, measure_discs
 from discgeo.io import read_labels
 from discgeo.phantom import make_case
 from discgeo.volume import Volume
+
+
+ISO = CropSpec(64, (1.0, 1.0, 1.0))  # the first shipped crop: voxel counts are volumes in mm3
+SHIPPED = CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.75, 0.6]})
+CROP_SIZE = ISO.size
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,7 @@ def phantom():
 
 
 def test_crops_keep_volume_size_and_tilt(phantom):
-    result = disc_crops(phantom.labels)
+    result = disc_crops(phantom.labels, spec=ISO)
     assert result.crops.shape == (5, CROP_SIZE, CROP_SIZE, CROP_SIZE) and result.crops.dtype == np.uint8
     assert result.levels == ["L5-S1", "L4-L5", "L3-L4", "L2-L3", "L1-L2"] and not result.too_large
     geometry = measure_discs(phantom.labels)
@@ -41,9 +47,9 @@ def test_crops_keep_volume_size_and_tilt(phantom):
 
 
 def test_crops_are_deterministic_and_real_cases_fit(phantom, ivd_dir):
-    a, b = disc_crops(phantom.labels), disc_crops(phantom.labels)
+    a, b = disc_crops(phantom.labels, spec=SHIPPED), disc_crops(phantom.labels, spec=SHIPPED)
     assert np.array_equal(a.crops, b.crops)
-    real = disc_crops(read_labels(ivd_dir / "case-20_discs.nii.gz"))
+    real = disc_crops(read_labels(ivd_dir / "case-20_discs.nii.gz"), spec=SHIPPED)
     assert real.crops.shape[0] == 5 and real.labels == [1, 2, 3, 4, 5]
 
 
@@ -52,7 +58,7 @@ def test_crops_of_1mm_masks_keep_every_voxel_count_and_extent(ivd_dir):
     such axis one voxel longer (real discs +0-16 % volume); the crop now keeps volume and extent."""
     labels = read_labels(ivd_dir / "case-25_discs.nii.gz").canonical()
     discs, _, _ = find_discs(np.asarray(labels.array).astype(np.int32), labels.affine)
-    result = disc_crops(labels)
+    result = disc_crops(labels, spec=ISO)
     for crop, disc in zip(result.crops, discs, strict=True):
         mask = disc.mask
         assert crop.sum() == mask.sum()
@@ -63,8 +69,8 @@ def test_crops_of_1mm_masks_keep_every_voxel_count_and_extent(ivd_dir):
 def test_too_large_disc_is_reported_not_cut():
     mask = np.zeros((80, 30, 20), bool)
     mask[5:75, 5:25, 5:15] = True  # 70 mm wide at 1 mm
-    assert crop_disc(mask, np.eye(4)) is None
-    result = disc_crops(Volume(mask.astype(np.uint8), np.eye(4)))
+    assert crop_disc(mask, np.eye(4), spec=ISO) is None
+    result = disc_crops(Volume(mask.astype(np.uint8), np.eye(4)), spec=ISO)
     assert result.crops.shape[0] == 0
     assert result.too_large == [{"level": "L5-S1", "label": 201, "extent_mm": [70.0, 20.0, 10.0]}]
 
@@ -78,16 +84,36 @@ def test_iou():
 
 
 def test_pack_unpack_roundtrip_and_errors(phantom):
-    crops = disc_crops(phantom.labels).crops
+    crops = disc_crops(phantom.labels, spec=SHIPPED).crops
     data = pack_crops(crops)
     assert len(data) < 5 * 4000  # compact: a few kB per disc, not JSON lists
-    assert np.array_equal(unpack_crops(data), crops)
+    assert np.array_equal(unpack_crops(data, size=64), crops)
     with pytest.raises(UnsupportedFormatError):
-        unpack_crops(b"not an npz")
+        unpack_crops(b"not an npz", size=64)
     with pytest.raises(TooLargeError):
-        unpack_crops(data, limit=2)
+        unpack_crops(data, size=64, limit=2)
+    with pytest.raises(InvalidDataError, match="uint8"):
+        unpack_crops(pack_crops(np.zeros((2, 32, 32, 32))), size=64)  # another encoder's crop size
     with pytest.raises(InvalidDataError):
-        pack_crops(np.zeros((2, 32, 32, 32)))
+        pack_crops(np.zeros((2, 30, 30, 30)))
+
+
+def test_shipped_crop_keeps_the_volume_of_real_native_masks():
+    """The 4.4 mm-slice masks are interpolated across the slices and binarised to their own volume:
+    each crop holds the disc's volume (voxel count x 0.45 mm3) within 2 %, and every real disc fits."""
+    voxel_mm3 = float(np.prod(SHIPPED.spacing_mm))
+    for mask in realdata.real_masks(isotropic=False)[:8]:
+        result = disc_crops(mask.labels, spec=SHIPPED)
+        assert not result.too_large and len(result.crops) == 5
+        for crop, disc in zip(result.crops, measure_discs(mask.labels).discs, strict=True):
+            assert crop.sum() * voxel_mm3 == pytest.approx(disc.volume_mm3, rel=0.02)
+
+
+def test_crop_spec_from_metadata():
+    assert CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": 1.0}) == ISO
+    assert SHIPPED.extent_mm == pytest.approx((64.0, 48.0, 38.4))
+    with pytest.raises(ValueError, match="positive"):
+        CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.0, 1.0]})
 
 
 def test_artifact_verification(tmp_path):

@@ -75,9 +75,10 @@ def test_ranges_and_label_conventions_over_a_cohort():
 
 def test_narrowing_prevalence_and_realism():
     discs = [d for case in range(200) for d in make_truth(9, case)]
+    case = make_case(9, 3)
     assert make_truth(9, 3) == [
-        {k: v for k, v in d.items() if k not in ("voxels", "fully_in_view")}
-        for d in make_case(9, 3).truth["discs"]
+        {**{k: v for k, v in d.items() if k not in ("voxels", "fully_in_view")}, "population": case.truth["population"]}
+        for d in case.truth["discs"]
     ]
     graded = np.array([d["narrowing"] for d in discs])
     generator = np.array([d["narrowing_generator"] for d in discs])

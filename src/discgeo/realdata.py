@@ -1,0 +1,104 @@
+"""The real data beside the project (``../shared/data``): where it is and how to read it.
+
+One home for the paths and label conversions that training, benchmarks and tests use. The data is
+read in place, never copied. Sets (see ``../shared/data/README.md``):
+
+* ``ivd-t2-mri/``: three sagittal T2 cases at 1 mm with manual disc masks (labels 1 = L5-S1 ... 5 = L1-L2);
+* ``ivd-masks/``: 29 subjects' manual disc masks at 0.43 x 0.43 x 4.4 mm (the same labels); subjects
+  11, 20 and 25 are the three cases of ``ivd-t2-mri/``;
+* ``vb-mri/``: 34 MRI volumes of two other sources with vertebral-body masks;
+* ``spider-format/``: one real SPIDER mask and SPIDER's gradings.
+
+Menezes-Reis R. et al., Quant Imaging Med Surg 6(4):402-412, 2016 (doi:10.21037/qims.2016.08.01) for
+``ivd-t2-mri`` and ``ivd-masks``: asymptomatic adults aged 20-40.
+
+``DISCGEO_SHARED_DATA`` points elsewhere when the data is not beside the source tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from discgeo import levels
+from discgeo.errors import NotFoundError
+from discgeo.volume import Volume
+
+REAL_CASES = ("case-11", "case-20", "case-25")
+LUMBAR_LEVELS = tuple(levels.level_name(i) for i in range(5))  # L5-S1 ... L1-L2
+
+
+def root() -> Path:
+    """The shared data folder (``DISCGEO_SHARED_DATA`` or ``../shared/data`` beside the source tree)."""
+    configured = os.environ.get("DISCGEO_SHARED_DATA")
+    folder = Path(configured) if configured else Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not folder.is_dir():
+        raise NotFoundError(f"real data not found at {folder}; set DISCGEO_SHARED_DATA or put shared/ beside")
+    return folder
+
+
+def ivd_t2_dir() -> Path:
+    """``ivd-t2-mri/``: the three 1 mm T2 cases."""
+    return root() / "ivd-t2-mri"
+
+
+def ivd_masks_dir() -> Path:
+    """``ivd-masks/``: the 29 subjects' native disc masks."""
+    return root() / "ivd-masks"
+
+
+def vb_mri_dir() -> Path:
+    """``vb-mri/``: vertebral-body masks of two other sources."""
+    return root() / "vb-mri"
+
+
+def spider_format_dir() -> Path:
+    """``spider-format/``: one real SPIDER mask and SPIDER's gradings."""
+    return root() / "spider-format"
+
+
+def as_spider_labels(volume: Volume) -> Volume:
+    """A mask with 1 = L5-S1 ... 5 = L1-L2 relabelled in the SPIDER convention (201 = L5-S1 ...)."""
+    array = np.asarray(volume.array).astype(np.int16)
+    out = np.where(array > 0, array + levels.DISC_LABEL_BASE, 0).astype(np.int16)
+    return volume.with_array(out)
+
+
+@dataclass(frozen=True)
+class RealMask:
+    """One subject's manual disc masks (SPIDER labels) and where they come from."""
+
+    subject: str  # "ivd-11"
+    source: str  # "native" (ivd-masks, 4.4 mm slices) or "1mm" (ivd-t2-mri)
+    labels: Volume
+
+
+def subject_of_case(case: str) -> str:
+    """``case-11`` -> ``ivd-11`` (the same subject in ``ivd-masks``)."""
+    return "ivd-" + case.split("-")[1]
+
+
+def native_subjects() -> list[str]:
+    """Subjects of ``ivd-masks`` (``ivd-01`` ... ``ivd-30``, no ``ivd-05``)."""
+    names = sorted(p.name for p in ivd_masks_dir().glob("ivd-*_discs.nii.gz"))
+    return [re.sub(r"_discs\.nii\.gz$", "", n) for n in names]
+
+
+def real_masks(*, native: bool = True, isotropic: bool = True) -> list[RealMask]:
+    """Every real disc mask: the native ``ivd-masks`` and/or the 1 mm ``ivd-t2-mri`` ones."""
+    from discgeo.io import read_labels
+
+    out = []
+    if native:
+        for subject in native_subjects():
+            volume = read_labels(ivd_masks_dir() / f"{subject}_discs.nii.gz")
+            out.append(RealMask(subject, "native", as_spider_labels(volume)))
+    if isotropic:
+        for case in REAL_CASES:
+            volume = read_labels(ivd_t2_dir() / f"{case}_discs.nii.gz")
+            out.append(RealMask(subject_of_case(case), "1mm", as_spider_labels(volume)))
+    return out
