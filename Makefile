@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -87,9 +87,18 @@ bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6
 
 # Model training (CPU defaults; see each script's --help). Artifacts land in models/.
+# Real reference anatomy (src/discgeo/reference_discs.json) and the phantoms against it
+# (training/results/real-discs.md and its pictures).
+real-discs: setup
+	$(PY) -m training.real_discs
+
+# The shipped autoencoder's recipe: 50 calibrated phantom patients and every real mask (7 real subjects
+# held out), Adam 1e-3 then 1e-4 (AE_EPOCHS_1, AE_EPOCHS_2: the epochs each stage ends at).
+AE_T = --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4 --batch 8 --checkpoint-every 2 --monitor 64
 train-autoencoder: setup
-	$(PY) -m training.autoencoder data --out $(BUILD)/ae-data --phantoms 80 --seed 7
-	$(PY) -m training.autoencoder train --data $(BUILD)/ae-data --run $(BUILD)/ae-run --bottleneck 4
+	$(PY) -m training.autoencoder data --out $(BUILD)/ae-data --phantoms 50 --seed 7
+	$(PY) -m training.autoencoder train $(AE_T) --epochs $(AE_EPOCHS_1) --lr 1e-3
+	$(PY) -m training.autoencoder train $(AE_T) --epochs $(AE_EPOCHS_2) --lr 1e-4
 	$(PY) -m training.autoencoder export --run $(BUILD)/ae-run --data $(BUILD)/ae-data --out models/autoencoder
 
 # segmenter step decay: 16 epochs at the configuration's rate, resumed to 32 at 1e-4 and to 40 at 3e-5,
@@ -134,4 +143,4 @@ loo-segmenter: seg-data
 	$(if $(filter gpu,$(SEG_CONFIG)),,$(PY) -m training.segmenter loo --artifact $(SEG_OUT) --runs $(SEG_LOO_RUNS) --mode accurate --out $(SEG_LOO_OUT)-accurate.md)
 
 train-classifier: setup
-	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024
+	$(PY) -m training.classifier --cohort $(BUILD)/cohort --cases 240 --seed 2024 --segmented 40

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from discgeo import realdata
 from discgeo.geometry import FIELDS, measure_discs
 from discgeo.io import read_labels
 from discgeo.phantom import make_case
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
+SHARED = realdata.ivd_t2_dir()
 SETTINGS = {
     "1 mm isotropic": ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
     "3.3 x 0.6 x 0.6 mm": ((3.3, 0.6, 0.6), (0.0, 0.0, 0.0)),

@@ -452,7 +452,9 @@ def reference_study(image_path: Path, labels_path: Path) -> dict[str, Any]:
         .to(device)
     )
     encoder = autoencoder_modules(4)[0].eval().to(device)
-    crop_spec = CropSpec.from_metadata(load_artifact(Settings.from_env().artifact("autoencoder"), kind="autoencoder")[1])
+    crop_spec = CropSpec.from_metadata(
+        load_artifact(Settings.from_env().artifact("autoencoder"), kind="autoencoder")[1]
+    )
     volume = read_volume(image_path).canonical()
     discs_found = read_labels(labels_path).canonical()
     timings: dict[str, float] = {}

@@ -116,7 +116,8 @@ def main() -> None:
         "",
         f"## The 145 real healthy discs of `ivd-masks` ({healthy['data']})",
         "",
-        f"Called narrowed: {every['called_narrowed']} of {every['discs']} ({every['called_narrowed_share']:.1%}); "
+        f"Called narrowed: {every['called_narrowed']} of {every['discs']} "
+        f"({every['called_narrowed_share']:.1%}); "
         "by level "
         + ", ".join(f"{lv} {v:.1%}" for lv, v in every["called_narrowed_by_level"].items())
         + f". Mean reconstruction IoU {every['mean_iou']:.3f}; `unusual_shape` {every['unusual_shape']}. "

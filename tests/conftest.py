@@ -8,19 +8,20 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from discgeo import realdata
 from discgeo.artifacts import write_artifact
+from discgeo.errors import NotFoundError
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-REAL_CASES = ("case-11", "case-20", "case-25")
+REAL_CASES = realdata.REAL_CASES
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` (read in place, never copied)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data not found at {SHARED_DATA}; the project expects ../shared beside it")
-    return SHARED_DATA
+    """``../shared/data`` (read in place, never copied; see :mod:`discgeo.realdata`)."""
+    try:
+        return realdata.root()
+    except NotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -244,6 +244,7 @@ def train(
     real_train = crops[~held & np.char.startswith(sources, "real")]
     train_x = torch.from_numpy(np.concatenate([crops[~held], real_train[:, ::-1]])).to(device())
     held_x = torch.from_numpy(crops[held]).to(device())
+    held_real = np.char.startswith(sources[held], "real")
     print(f"{len(train_x)} training crops ({len(real_train)} real, mirrored too), {len(held_x)} held out")
     # the training IoU logged each epoch (and compared with stop_iou) is that of a fixed sample when
     # ``monitor`` is set: scoring every crop costs a third of a CPU epoch
@@ -303,6 +304,7 @@ def train(
             "loss": float(torch.stack(losses).mean()),
             "train_iou": float(train_iou.mean()),
             "held_out_iou": float(held_iou.mean()),
+            "held_out_real_iou": float(held_iou[held_real].mean()) if held_real.any() else None,
             "lr": lr,
             "seconds": round(time.monotonic() - t0, 1),
         }
@@ -385,6 +387,7 @@ def sweep(
                 **reached,
                 "train_iou": last["train_iou"],
                 "held_out_iou": last["held_out_iou"],
+                "held_out_real_iou": last.get("held_out_real_iou"),
                 "best_held_out_iou": max(h["held_out_iou"] for h in history),
                 "seconds_per_epoch": float(np.median([h["seconds"] for h in history])),
             }
@@ -393,8 +396,8 @@ def sweep(
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     lines = [
         "| bottleneck | epochs run | epochs to IoU > 0.995 | epochs to 0.80 | epochs to 0.85 "
-        "| epochs to 0.90 | train IoU | held-out IoU | best held-out IoU | s/epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| epochs to 0.90 | train IoU | held-out IoU | held-out real IoU | best held-out IoU | s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -406,6 +409,7 @@ def sweep(
             r["epochs_to_0.9"] or "-",
             f"{r['train_iou']:.4f}",
             f"{r['held_out_iou']:.4f}",
+            "-" if r.get("held_out_real_iou") is None else f"{r['held_out_real_iou']:.4f}",
             f"{r['best_held_out_iou']:.4f}",
             f"{r['seconds_per_epoch']:.2g}",
         ]
@@ -542,15 +546,20 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
         }
         for name, chosen in sets.items():
             scores = every[chosen]
+            if not scores.size:
+                continue
             quality[name] = {
                 "discs": int(chosen.sum()),
                 "mean_iou": round(float(scores.mean()), 4),
                 "median_iou": round(float(np.median(scores)), 4),
                 "min_iou": round(float(scores.min()), 4),
-                "patients": sorted(set(patients[chosen].tolist())) if name.startswith("held_out_real") else None,
+                "patients": sorted(set(patients[chosen].tolist()))
+                if name.startswith("held_out_real")
+                else None,
             }
         print(json.dumps(quality))
-        unusual = unusual_shape_threshold(every[held & real])
+        if np.any(held & real):
+            unusual = unusual_shape_threshold(every[held & real])
     metadata = {
         "kind": "autoencoder",
         "name": "discgeo-disc-autoencoder",
@@ -561,12 +570,20 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
         "unusual_shape": unusual,
         "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
         "inputs": {
-            "encoder": {"name": "crops", "dtype": "float32", "shape": ["N", 1, CROP.size, CROP.size, CROP.size]},
+            "encoder": {
+                "name": "crops",
+                "dtype": "float32",
+                "shape": ["N", 1, CROP.size, CROP.size, CROP.size],
+            },
             "decoder": {"name": "latents", "dtype": "float32", "shape": ["N", bottleneck]},
         },
         "outputs": {
             "encoder": {"name": "latents", "dtype": "float32", "shape": ["N", bottleneck]},
-            "decoder": {"name": "probabilities", "dtype": "float32", "shape": ["N", 1, CROP.size, CROP.size, CROP.size]},
+            "decoder": {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": ["N", 1, CROP.size, CROP.size, CROP.size],
+            },
         },
         "training": {
             "seed": state["seed"],
@@ -650,7 +667,8 @@ def main() -> None:
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default="auto",
-        help="auto: bf16 where the hardware runs it natively, else fp32; bf16 autocast for training steps (float32 weights and evaluation)",
+        help="auto: bf16 autocast where the hardware runs it natively, else fp32 (float32 weights and "
+        "evaluation either way)",
     )
     t.add_argument("--stop-iou", type=float, default=STOP_IOU, help=f"stop above this train IoU ({STOP_IOU})")
     t.add_argument("--checkpoint-every", type=int, default=1, help="write RUN/last.pt every N epochs")

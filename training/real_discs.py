@@ -109,12 +109,18 @@ def log_spread(rows: list[dict[str, Any]], per_level: dict[str, Any]) -> dict[st
         between = float(np.sqrt(max(patient_mean.var(ddof=1) - within**2 / len(level_names), 0.0)))
         # per level: what is left of that level's own spread (its 5th-95th percentile range, as a normal
         # SD: range / 3.29) once the between-patient part is taken
-        by_level = {}
+        by_level, totals = {}, {}
         for i, lv in enumerate(level_names):
             p5, p95 = np.percentile(table[:, i], [5, 95])
             total = (p95 - p5) / 3.29
             by_level[lv] = round(float(np.sqrt(max(total**2 - between**2, 0.02**2))), 4)
-        out[m] = {"between": round(between, 4), "within": round(within, 4), "within_by_level": by_level}
+            totals[lv] = round(float(total), 4)
+        out[m] = {
+            "between": round(between, 4),
+            "within": round(within, 4),
+            "within_by_level": by_level,
+            "total_by_level": totals,
+        }
     return out
 
 
@@ -203,7 +209,9 @@ def calibration(real: dict[str, Any], phantom: dict[str, Any]) -> list[dict[str,
                     "real_spread": round(real_spread, 3),
                     "phantom_spread": round(phantom_spread, 3),
                     "spread_error": round(spread_error, 4),
-                    "ok": bool(abs(median_error) <= MEDIAN_TOLERANCE and abs(spread_error) <= SPREAD_TOLERANCE),
+                    "ok": bool(
+                        abs(median_error) <= MEDIAN_TOLERANCE and abs(spread_error) <= SPREAD_TOLERANCE
+                    ),
                 }
             )
     return out
@@ -286,7 +294,8 @@ def render(summary: dict[str, Any]) -> str:
     ]
     for a in summary["agreement"]:
         lines.append(
-            f"| {a['measure']} | {a['discs']} | {a['mean_difference']:+.3g} | {a['mean_abs_difference']:.3g} | "
+            f"| {a['measure']} | {a['discs']} | {a['mean_difference']:+.3g} | "
+            f"{a['mean_abs_difference']:.3g} | "
             f"{a['mean_relative_difference']:+.1%} | {a['max_abs_relative_difference']:.1%} |"
         )
     rule = summary["rule_on_real"]
@@ -297,18 +306,22 @@ def render(summary: dict[str, Any]) -> str:
         "",
         "## Narrowing rule on the real healthy discs",
         "",
-        f"Rule (`discgeo.reference`): narrowed when the mean height is below {reference.NARROWING_RATIO:.0%} of "
+        "Rule (`discgeo.reference`): narrowed when the mean height is below "
+        f"{reference.NARROWING_RATIO:.0%} of "
         "the expected height (level median x the adjacent discs' mean height/level-median ratio, limited to "
         f"0.8-1.2). On the {rule['discs']} real healthy discs it calls {rule['narrowed']} narrowed "
         f"({rule['narrowed'] / rule['discs']:.1%}; by level {rule['by_level']}); ratio percentiles "
         f"{rule['ratio_percentiles']}.",
         "",
         f"## Calibration: normal discs of young-adult phantoms (seed {summary['phantom_seed']}, "
-        f"{summary['phantom_cases']} patients, {summary['phantom_young_normal_discs']} such discs) against the reference",
+        f"{summary['phantom_cases']} patients, {summary['phantom_young_normal_discs']} such discs) "
+        "against the reference",
         "",
-        f"Goal: medians within {MEDIAN_TOLERANCE:.0%}, 5th-95th percentile spread within {SPREAD_TOLERANCE:.0%}.",
+        f"Goal: medians within {MEDIAN_TOLERANCE:.0%}, 5th-95th percentile spread within "
+        f"{SPREAD_TOLERANCE:.0%}.",
         "",
-        "| level | measure | real median | phantom median | error | real spread | phantom spread | error | ok |",
+        "| level | measure | real median | phantom median | error | real spread | phantom spread "
+        "| error | ok |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in summary["calibration"]:
@@ -340,7 +353,8 @@ def main() -> None:
     native = [r for r in rows if r["source"] == "native"]
     per_level = summarise(native, realdata.LUMBAR_LEVELS)
     table = {
-        "source": "ivd-masks: 145 native manual disc masks of 29 asymptomatic adults aged 20-40 (Menezes-Reis "
+        "source": "ivd-masks: 145 native manual disc masks of 29 asymptomatic adults aged 20-40 "
+        "(Menezes-Reis "
         "et al., Quant Imaging Med Surg 2016), measured by discgeo.geometry",
         "command": "python -m training.real_discs",
         "levels": list(realdata.LUMBAR_LEVELS),
@@ -380,7 +394,8 @@ def main() -> None:
     failed = [c for c in summary["calibration"] if not c["ok"]]
     print(render(summary))
     print(
-        f"calibration: {len(summary['calibration']) - len(failed)} of {len(summary['calibration'])} within the goal"
+        f"calibration: {len(summary['calibration']) - len(failed)} of {len(summary['calibration'])} "
+        "within the goal"
     )
 
 

@@ -53,13 +53,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from discgeo import realdata
 from discgeo.config import SEGMENTER_MODES
 from discgeo.segmentation import binarise, normalise, resample, sliding_window
 from training.torchrun import autocast, device, lr_schedule, resolve_precision, save_checkpoint, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
-REAL_CASES = ("case-11", "case-20", "case-25")
+SHARED = realdata.ivd_t2_dir()
+REAL_CASES = realdata.REAL_CASES
 SAMPLES_PER_ITEM = 4  # patches cropped from each training slice (2D) or volume (3D)
 SHIPPED_LIMIT_MB = 40  # models/segmenter stays this small (the 3D feature-size-48 model is ~290 MB)
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -827,7 +828,8 @@ def main() -> None:
         "--precision",
         choices=("auto", "bf16", "fp32"),
         default="auto",
-        help="auto: bf16 where the hardware runs it natively, else fp32; bf16 autocast for training steps (float32 weights, validation and export)",
+        help="auto: bf16 autocast where the hardware runs it natively, else fp32 (float32 weights, "
+        "validation and export either way)",
     )
     t.add_argument(
         "--snapshots-from",

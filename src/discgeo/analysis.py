@@ -631,10 +631,13 @@ def verdict(differences: Sequence[dict[str, Any]]) -> list[str]:
         estimate, low, high = d["difference"]
         if low > 0 or high < 0:
             word = "higher" if estimate > 0 else "lower"
-            lines.append(f"{d['a']} AUC is {abs(estimate):.3f} {word} than {d['b']} [{low:+.3f} to {high:+.3f}]")
+            lines.append(
+                f"{d['a']} AUC is {abs(estimate):.3f} {word} than {d['b']} [{low:+.3f} to {high:+.3f}]"
+            )
         else:
             lines.append(
-                f"{d['a']} vs {d['b']}: {estimate:+.3f} [{low:+.3f} to {high:+.3f}], no demonstrated difference"
+                f"{d['a']} vs {d['b']}: {estimate:+.3f} [{low:+.3f} to {high:+.3f}], "
+                "no demonstrated difference"
             )
     return lines
 
@@ -702,7 +705,8 @@ def render_report(summary: dict[str, Any]) -> str:
             "## Features from the shipped segmenter's output (what the deployed classifier sees)",
             "",
             f"{seg['patients']} phantom patients of the same generator, segmented from their images by the "
-            f"shipped segmenter; {seg['discs']} discs matched to the truth by level, {seg['narrowed']} narrowed.",
+            f"shipped segmenter; {seg['discs']} discs matched to the truth by level, "
+            f"{seg['narrowed']} narrowed.",
             "",
             *_results_table(seg["results"]),
             "",

@@ -148,7 +148,7 @@ MAX_CROPS_PER_REQUEST = 256
 
 
 def pack_crops(crops: np.ndarray) -> bytes:
-    """Binary crops [N, S, S, S] (S a multiple of 8) as a compressed .npz of packed bits (~1-3 kB per disc)."""
+    """Binary crops [N, S, S, S] (S a multiple of 8) as a compressed .npz of packed bits (~1-3 kB a disc)."""
     x = np.asarray(crops)
     if x.ndim != 4 or len(set(x.shape[1:])) != 1 or x.shape[1] % 8:
         raise InvalidDataError(
@@ -260,6 +260,7 @@ def _as_batch(crops: np.ndarray, size: int) -> np.ndarray:
         x = x[:, None]
     if x.ndim != 5 or x.shape[1:] != (1, size, size, size):
         raise InvalidDataError(
-            f"crops must be [N, {size}, {size}, {size}] or [N, 1, {size}, {size}, {size}], got {list(x.shape)}"
+            f"crops must be [N, {size}, {size}, {size}] or [N, 1, {size}, {size}, {size}], "
+            f"got {list(x.shape)}"
         )
     return np.ascontiguousarray(x, dtype=np.float32)

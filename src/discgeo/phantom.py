@@ -16,9 +16,16 @@ label map is sampled at voxel centres (SPIDER label convention, see :mod:`discge
 
 The image is rendered from tissue classes with T1- or T2-like intensities, texture, blur (partial
 volume), a smooth bias field and Rician noise, then stored as 12-bit integers so that a DICOM round
-trip is exact. Narrowing follows the clinical idea: a narrowed disc is markedly thinner than the
-patient's own normal for that level (and than its neighbours), is more common low in the spine and
-with age, looks darker on T2, and bulges; the graded label has ~7% label noise.
+trip is exact.
+
+Sizes follow real discs: normal discs are drawn around the per-level medians of the real reference
+(:mod:`discgeo.reference`, 145 discs of healthy adults aged 20-40) with its between- and within-patient
+spread; a cohort mixes young adults (the reference's range, :data:`YOUNG_ADULT_SHARE`) and older
+patients whose discs are a little lower, wider and more variable (:data:`_OLDER`, an assumption).
+Narrowing follows the clinical idea: a narrowed disc is drawn 28-55 % thinner than the patient's own
+normal for that level, more often low in the spine and with age, darker on T2 and bulging; its graded
+label is the narrowing rule of :mod:`discgeo.reference` (below 75 % of the height expected from the
+level and the adjacent discs) on the exact geometry, flipped with probability :data:`LABEL_NOISE`.
 """
 
 from __future__ import annotations
@@ -40,22 +47,22 @@ TRUTH_GRID_MM = 0.08
 
 # Prior probability of narrowing per level for an older patient, lowest disc first (more common low
 # in the spine); a young adult's is a fifth of it.
-_LEVEL_NARROWING = (0.34, 0.34, 0.20, 0.13, 0.09, 0.06, 0.06, 0.06)
+_LEVEL_NARROWING = (0.44, 0.44, 0.25, 0.17, 0.11, 0.08, 0.08, 0.08)
 LABEL_NOISE = 0.07
 YOUNG_ADULT_SHARE = 0.4
 # Wedge per lumbar level in degrees, lowest first, from the reference's anterior minus posterior height
 # (flat thoracolumbar discs above).
 _LEVEL_WEDGE = (9.0, 7.0, 4.0, 1.3, 0.3, 0.0, -1.0, -1.5)
-_LEVEL_WEDGE_SD = (3.6, 2.5, 2.0, 2.4, 1.5, 1.5, 1.5, 1.5)
+_LEVEL_WEDGE_SD = (3.6, 2.5, 2.6, 2.4, 1.5, 1.5, 1.5, 1.5)
 # Superellipse exponent of the cross-section per level: the reference's area / (AP x lateral width) is
 # 0.77 at L5-S1 (an ellipse, p = 2) and 0.86 from L3-L4 up (p ~ 3).
 _LEVEL_SQUARENESS = (2.0, 2.2, 2.9, 3.0, 2.9, 2.9, 2.9, 2.9)
 # Endplate dome as a fraction of the rim thickness per level: real discs are biconvex, their middle
 # height 1.21 x the mean at L5-S1 and L4-L5, 1.27-1.29 x above (the reference).
 _DOME_RATIO = (0.55, 0.55, 0.95, 0.95, 0.9, 0.9, 0.9, 0.9)
-# Shared share of the patient-level size variation (height, AP and lateral width grow together): makes
-# the disc volume's between-patient spread that of the reference (log SD 0.25).
-_SIZE_CORRELATION = 0.64
+# Shared share of the patient-level size variation (height, AP and lateral width grow together): brings
+# the per-level spread of the disc volume close to the reference (its between-patient log SD is 0.25).
+_SIZE_CORRELATION = 0.55
 # Older patients (41-82 years, beyond the young-adult reference): normal discs a little lower, wider
 # and more variable (a documented assumption, not measured here).
 _OLDER = {"height": 0.95, "width": 1.06, "spread": 1.4}
@@ -230,20 +237,17 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
     axial = float(rng.normal(0, 1.5))
     # patient-level log scales of disc height, AP and lateral width: a shared size part plus own parts
     size = float(rng.normal())
-    patient = {}
+    patient = {}  # standard normal patient parts, scaled per level by the reference's between-patient SD
     for measure in ("mean_height_mm", "ap_width_mm", "lateral_width_mm"):
-        sd = reference.log_sd(measure, levels.level_name(0))[0] * older["spread"]
         own = float(rng.normal())
-        patient[measure] = sd * (math.sqrt(_SIZE_CORRELATION) * size + math.sqrt(1 - _SIZE_CORRELATION) * own)
-    scale = math.exp(patient["ap_width_mm"])  # vertebral body size follows the discs'
+        patient[measure] = math.sqrt(_SIZE_CORRELATION) * size + math.sqrt(1 - _SIZE_CORRELATION) * own
+    # vertebral body size follows the discs'
+    scale = math.exp(reference.log_sd("ap_width_mm", levels.level_name(0))[0] * patient["ap_width_mm"])
 
     def normal_size(measure: str, level: str, factor: float) -> float:
-        sd = reference.log_sd(measure, level)[1] * older["spread"]
-        return (
-            reference.expected(measure, level)
-            * factor
-            * math.exp(patient[measure] + float(rng.normal(0, sd)))
-        )
+        between, within = (sd * older["spread"] for sd in reference.log_sd(measure, level))
+        deviation = between * patient[measure] + float(rng.normal(0, within))
+        return reference.expected(measure, level) * factor * math.exp(deviation)
 
     point = np.zeros(3)
     angle = sacral_slope

@@ -76,11 +76,15 @@ def spread(measure: str, level: str) -> dict[str, float]:
 
 
 def log_sd(measure: str, level: str) -> tuple[float, float]:
-    """Between-patient and (this level's) within-patient SD of log(measure / level median); levels
-    above L1-L2 take L1-L2's."""
+    """SDs of log(measure / level median) to draw at ``level``: the between-patient part (scaled
+    down where the level's whole spread is smaller than it) and the within-patient rest; levels above
+    L1-L2 take L1-L2's."""
     entry = load()["log_sd"][measure]
-    by_level = entry["within_by_level"]
-    return float(entry["between"]), float(by_level.get(level, by_level[lumbar_levels()[-1]]))
+    top = lumbar_levels()[-1]
+    within = entry["within_by_level"]
+    total = entry["total_by_level"]
+    between = float(entry["between"])
+    return min(between, float(total.get(level, total[top]))), float(within.get(level, within[top]))
 
 
 def height_ratios(heights: Sequence[float], disc_levels: Sequence[str]) -> np.ndarray:

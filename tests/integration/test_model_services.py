@@ -12,8 +12,8 @@ import pytest
 from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
 from discgeo.encoding import Encoder, pack_crops
-from discgeo.io.nifti import nifti_to_bytes
 from discgeo.io import read_labels
+from discgeo.io.nifti import nifti_to_bytes
 from discgeo.local import ROOT, bentoml_service
 
 pytestmark = pytest.mark.slow

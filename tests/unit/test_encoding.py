@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from discgeo.artifacts import load_artifact, write_artifact
 from discgeo import realdata
+from discgeo.artifacts import load_artifact, write_artifact
 from discgeo.encoding import CropSpec, crop_disc, disc_crops, iou, pack_crops, unpack_crops
 from discgeo.errors import ArtifactError, InvalidDataError, TooLargeError, UnsupportedFormatError
 from discgeo.geometry import find_discs, measure_disc, measure_discs
 from discgeo.io import read_labels
 from discgeo.phantom import make_case
 from discgeo.volume import Volume
-
 
 ISO = CropSpec(64, (1.0, 1.0, 1.0))  # the first shipped crop: voxel counts are volumes in mm3
 SHIPPED = CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.75, 0.6]})

@@ -77,7 +77,10 @@ def test_narrowing_prevalence_and_realism():
     discs = [d for case in range(200) for d in make_truth(9, case)]
     case = make_case(9, 3)
     assert make_truth(9, 3) == [
-        {**{k: v for k, v in d.items() if k not in ("voxels", "fully_in_view")}, "population": case.truth["population"]}
+        {
+            **{k: v for k, v in d.items() if k not in ("voxels", "fully_in_view")},
+            "population": case.truth["population"],
+        }
         for d in case.truth["discs"]
     ]
     graded = np.array([d["narrowing"] for d in discs])

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from training import real_discs
 
 from discgeo import realdata, reference
 from discgeo.phantom import LABEL_NOISE, make_truth
-from training import real_discs
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,9 @@ def test_fresh_phantom_cohort_matches_the_real_reference():
     widths and volume; narrowing prevalence ~20 %, graded by the rule with its label noise."""
     rows = real_discs.phantom_rows(400, seed=2718)
     young = real_discs.young_normal(rows)
-    cells = real_discs.calibration(reference.load()["per_level"], real_discs.summarise(young, realdata.LUMBAR_LEVELS))
+    cells = real_discs.calibration(
+        reference.load()["per_level"], real_discs.summarise(young, realdata.LUMBAR_LEVELS)
+    )
     failed = [c for c in cells if not c["ok"]]
     assert not failed, json.dumps(failed, indent=1)
     prevalence = np.mean([r["narrowing"] for r in rows])

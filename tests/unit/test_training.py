@@ -124,10 +124,12 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
     assert probability.shape == (2, 40, 40) and np.all((probability >= 0) & (probability <= 1))
 
 
-def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
+def test_autoencoder_training_and_float32_export_figures(tmp_path):
     import torch
     from training.autoencoder import export, train
+    from training.torchrun import resolve_precision
 
+    from discgeo.artifacts import load_artifact
     from discgeo.encoding import Encoder, iou
 
     # eight boxes of different sizes: six for training, one held-out phantom, one held-out "real"
@@ -135,14 +137,16 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
     for i in range(8):
         crops[i, 28 - i : 36 + i, 12:52, 20 : 44 + i] = 1
     held = np.array([False] * 6 + [True, True])
-    sources = np.array(["phantom"] * 7 + ["real"])
-    patients = np.array([f"p{i}" for i in range(7)] + ["case-25"])
+    sources = np.array(["phantom"] * 7 + ["real-native"])
+    patients = np.array([f"p{i}" for i in range(7)] + ["ivd-25"])
     data = tmp_path / "data"
     data.mkdir()
     np.savez_compressed(
         data / "crops.npz", packed=np.packbits(crops, axis=-1), held=held, patients=patients, sources=sources
     )
-    (data / "summary.json").write_text(json.dumps({"discs": 8, "train": 6, "held_out": 2}))
+    (data / "summary.json").write_text(
+        json.dumps({"discs": 8, "train": 6, "held_out": 2, "held_out_real_subjects": ["ivd-25"]})
+    )
     torch.manual_seed(0)
     run = tmp_path / "run"
     train(data, run, bottleneck=4, epochs=3, batch=3, seed=0, threads=2, max_minutes=10, checkpoint_every=2)
@@ -169,24 +173,30 @@ def test_autoencoder_bf16_training_and_float32_export_figures(tmp_path):
 
     metadata = export(run, tmp_path / "artifact", data=data, curve=tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert metadata["training"]["precision"] == "bf16"
+    assert metadata["training"]["precision"] == resolve_precision("auto")  # bf16 only where it is native
     assert metadata["training"]["optimiser"] == "Adam, lr 0.001 for epochs 1-3, 0.0001 for epochs 4-4"
     quality = metadata["metrics"]["quality_float32"]
     assert quality["train"]["discs"] == 6 and quality["held_out"]["discs"] == 2
-    assert quality["held_out_real"]["cases"] == ["case-25"]
+    assert quality["held_out_real"]["patients"] == ["ivd-25"]
+    # the unusual_shape threshold is the held-out real discs' lower Tukey fence, kept in the artifact
+    assert metadata["unusual_shape"]["held_out_real_discs"] == 1
+    assert metadata["crop_size"] == 64 and metadata["crop_spacing_mm"] == [1.0, 0.75, 0.6]
     # the recorded figure is what the shipped ONNX models give through the inference path
     encoder = Encoder.from_artifact(tmp_path / "artifact")
     recon = encoder.decode(encoder.encode(crops[:6])) >= 0.5
     assert quality["train"]["mean_iou"] == pytest.approx(float(iou(recon, crops[:6]).mean()), abs=2e-3)
     assert metadata["metrics"]["train_iou"] == quality["train"]["mean_iou"]
+    # the 145 real healthy discs through the exported encoder, recorded after the export
+    real = load_artifact(tmp_path / "artifact", kind="autoencoder")[1]["metrics"]["real_healthy_discs"]
+    assert (
+        real["all"]["discs"] == 145 and real["held_out"]["discs"] == 5 and real["held_out"]["subjects"] == 1
+    )
 
     # bottleneck sweep: a finished run (b4, 4 epochs) is read, not retrained; the table is cut at the
     # common budget and recorded in the artifact's metadata, which still verifies
     import shutil
 
     from training.autoencoder import sweep
-
-    from discgeo.artifacts import load_artifact
 
     shutil.copytree(run, tmp_path / "sweep" / "b4")
     (tmp_path / "sweep" / "b4" / "last.pt").unlink()  # a run trained elsewhere brings back its log alone
