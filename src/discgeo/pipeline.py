@@ -288,10 +288,8 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
         )
     }
     latents = {level: z for level, (z, _, _) in by_encoder.items()}
-    rows, classified = [], []
-    for level, row in disc_features(geometry.discs, latents).items():
-        rows.append(row)
-        classified.append(level)
+    features = disc_features(geometry.discs, latents)
+    rows, classified = list(features.values()), list(features)
     prediction = _timed(timings, "classify", lambda: stages.classify(rows)) if rows else None
     by_level = (
         dict(zip(classified, zip(prediction.probabilities, prediction.labels, strict=True), strict=True))

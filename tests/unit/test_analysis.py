@@ -65,7 +65,9 @@ def test_analyze_phantom_cohort_writes_report(tmp_path, encoder):
     generate_cohort(tmp_path / "cohort", cases=14, seed=77, fmt="nifti")
     summary = analyze(tmp_path / "cohort", tmp_path / "report", encoder, bootstrap=100)
     assert summary["patients"] == 14 and summary["discs"] >= 70
-    assert len(summary["results"]) == 6
+    assert len(summary["results"]) == 10  # five feature sets, two models
+    pairs = {(d["a"], d["b"]) for d in summary["auc_differences"]["boosting"]}
+    assert len(pairs) == 10 and ("latent", "geometric") in pairs  # every pair, paired bootstrap
     for name in (
         "report.md",
         "roc.png",

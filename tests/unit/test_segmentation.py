@@ -97,7 +97,8 @@ def test_predict_recovers_phantom_discs_and_levels(segmenter, spacing):
     rows = dice_per_level(predicted, truth)
     assert [r["level"] for r in rows] == [d["level"] for d in case.truth["discs"]]
     dice = [r["dice"] for r in rows]
-    assert np.mean(dice) > 0.97 and min(dice) > 0.94  # 1 mm model grid: resampling costs a little
+    # 1 mm model grid: resampling costs a little, more on thin (5-7 mm) discs seen in 3.3 mm slices
+    assert np.mean(dice) > 0.955 and min(dice) > 0.94
     assert predicted.meta["segmenter"] == "threshold-test"
 
 
@@ -159,7 +160,7 @@ def test_pieces_at_the_same_height_are_one_disc():
 
 
 def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
-    """Six bright blobs of ~11 % of a disc (over the absolute fragment limit, and numerous enough to pull
+    """Six bright blobs of ~14 % of a disc (over the absolute fragment limit, and numerous enough to pull
     the median of all components down) must be dropped, so L5-S1 stays the lowest disc."""
     case = make_case(12, 0, spacing=(1.0, 1.0, 1.0), full_coverage=True)
     labels = case.labels.canonical()
@@ -168,17 +169,17 @@ def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
     nx, ny, nz = image.shape
     corners = [
         (2, 2, 2),
-        (2, ny - 14, 2),
-        (nx - 14, 2, nz // 2),
-        (nx - 14, ny - 14, nz // 3),
-        (2, 2, nz - 14),
-        (nx - 14, ny - 14, nz - 14),
+        (2, ny - 10, 2),
+        (nx - 10, 2, nz // 2),
+        (nx - 10, ny - 10, nz // 3),
+        (2, 2, nz - 10),
+        (nx - 10, ny - 10, nz - 10),
     ]
     for x, y, z in corners:
-        assert not discs[x : x + 12, y : y + 12, z : z + 12].any()
-        image[x : x + 12, y : y + 12, z : z + 12] = 1000.0  # 1728 mm3 blobs
+        assert not discs[x : x + 8, y : y + 8, z : z + 8].any()
+        image[x : x + 8, y : y + 8, z : z + 8] = 1000.0  # 512 mm3 blobs
     disc_sizes = np.bincount(np.asarray(labels.array)[discs])[201:]
-    assert 0.2 * np.median(disc_sizes[disc_sizes > 0]) > 1728
+    assert 0.2 * np.median(disc_sizes[disc_sizes > 0]) > 512
     predicted = segmenter.predict(Volume(image, labels.affine))
     truth = labels.with_array(np.where(discs, labels.array, 0))
     rows = dice_per_level(predicted, truth)
@@ -189,7 +190,7 @@ def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
 
 @pytest.mark.parametrize("anterior_mm, kept", [(35.0, False), (0.0, True)])
 def test_smaller_components_off_the_disc_column_are_dropped(segmenter, anterior_mm, kept):
-    """A component of ~30 % of a disc just below L5-S1 is a sacral or vascular fragment when it lies 35 mm
+    """A component of ~35 % of a disc just below L5-S1 is a sacral or vascular fragment when it lies 35 mm
     in front of the disc column, and a partly seen disc when it lies on the column."""
     case = make_case(12, 0, spacing=(1.0, 1.0, 1.0), full_coverage=True)
     labels = case.labels.canonical()
@@ -199,11 +200,11 @@ def test_smaller_components_off_the_disc_column_are_dropped(segmenter, anterior_
     x, y, _ = np.rint(lowest.mean(axis=0)).astype(int)
     z_blob = lowest[:, 2].min() - 16  # 1 mm voxels: 12 mm gap below the lowest disc
     y_blob = y + int(anterior_mm)
-    block = (slice(x - 12, x + 12), slice(y_blob - 10, y_blob + 10), slice(z_blob - 4, z_blob + 4))
-    assert image[block].size == 3840 and not discs[block].any()
-    image[block] = 1000.0  # 24 x 20 x 8 = 3840 mm3
+    block = (slice(x - 8, x + 8), slice(y_blob - 7, y_blob + 7), slice(z_blob - 3, z_blob + 3))
+    assert image[block].size == 1344 and not discs[block].any()
+    image[block] = 1000.0  # 16 x 14 x 6 = 1344 mm3
     disc_sizes = np.bincount(np.asarray(labels.array)[discs])[201:]
-    assert 0.2 < 3840 / np.median(disc_sizes[disc_sizes > 0]) < 0.5
+    assert 0.2 < 1344 / np.median(disc_sizes[disc_sizes > 0]) < 0.5
     predicted = segmenter.predict(Volume(image, labels.affine))
     found = len(np.unique(predicted.array)) - 1
     assert found == len(case.truth["discs"]) + (1 if kept else 0)
