@@ -84,7 +84,9 @@ def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.nda
     idx = np.argwhere(mask)
     if idx.size == 0:
         raise InvalidDataError("empty disc mask")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # voxel sizes to 1e-5 mm: a label map that went through NIfTI's float32 affine (the encoder
+    # service's input) crops exactly as the original
+    spacing = np.round(np.linalg.norm(affine[:3, :3], axis=0), 5)
     lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
     hi = (idx.max(axis=0) + 0.5) * spacing
     extent = hi - lo

@@ -53,7 +53,8 @@ def test_embedded_study_results_match_truth(stages, study, tmp_path):
     truth = {d["level"]: d for d in case.truth["discs"]}
     assert [d.level for d in result.discs] == list(truth)
     for disc in result.discs:
-        assert disc.geometry.mean_height_mm == pytest.approx(truth[disc.level]["mean_height_mm"], abs=0.6)
+        # the threshold segmenter works on a 1 mm grid: a 5-7 mm disc seen in 3.5 mm slices gains up to ~1 mm
+        assert disc.geometry.mean_height_mm == pytest.approx(truth[disc.level]["mean_height_mm"], abs=1.1)
         assert len(disc.latents) == 4 and 0 <= disc.narrowing_probability <= 1
         assert 0 <= disc.reconstruction_iou <= 1
     assert set(result.timings_s) == {"segment", "measure", "encode", "classify", "total"}
@@ -113,9 +114,13 @@ def test_run_cli_on_a_nifti_batch(stages, tmp_path, capsys, monkeypatch, thresho
 def test_local_stages_refuse_a_classifier_of_another_encoder(threshold_segmenter_artifact):
     settings = Settings.from_env()
     encoder = Encoder.from_artifact(settings.artifact("autoencoder"))
-    classifier = NarrowingClassifier.from_artifact(settings.artifact("classifier"))
-    assert classifier.encoder_version == encoder.version  # the shipped pair matches
-    classifier.metadata["encoder_version"] = "0.0.0-other"
+    shipped = NarrowingClassifier.from_artifact(settings.artifact("classifier"))
+    assert shipped.metadata["encoder_version"] == encoder.version  # the shipped pair was trained together
+    # a classifier that uses latent features refuses the latents of another autoencoder
+    classifier = NarrowingClassifier(
+        shipped.model, ("latent_0", *shipped.features[1:]), metadata={"encoder_version": "0.0.0-other"}
+    )
+    assert classifier.encoder_version == "0.0.0-other"
     with pytest.raises(ModelMismatchError, match=f"autoencoder {encoder.version}"):
         LocalStages(
             segmenter=Segmenter.from_artifact(threshold_segmenter_artifact),
