@@ -205,25 +205,19 @@ def write_study(volume: Any, folder: Path, name: str) -> list[Path]:
 
 
 def run_study(files: list[Path], stages: Any, out: Path) -> dict[str, float]:
-    """One study as ``discgeo run`` does it; seconds per step (read, the pipeline's stages, write)."""
-    from discgeo.io.dicom import read_dicom_study
-    from discgeo.io.outputs import write_outputs
-    from discgeo.pipeline import analyse_study
+    """One study as ``discgeo run`` does it (:func:`discgeo.api.process_study`); seconds per step
+    (read, the pipeline's stages, write)."""
+    from discgeo.api import process_study
 
     start = time.perf_counter()
-    volume, sources = read_dicom_study(files)
-    read = time.perf_counter() - start
-    result, labels = analyse_study(volume, stages, study=out.name)
-    t0 = time.perf_counter()
-    write_outputs(out, result, volume, labels, sources)
-    write = time.perf_counter() - t0
-    timings = {k: v for k, v in result.timings_s.items() if k != "total"}
+    processed = process_study(files, stages=stages, out=out, study=out.name)
+    timings = {k: v for k, v in processed.result.timings_s.items() if k not in ("read", "total")}
     return {
-        "read": read,
+        "read": processed.read_s,
         **timings,
-        "write": write,
+        "write": processed.write_s,
         "total": time.perf_counter() - start,
-        "discs": len(result.discs),
+        "discs": len(processed.result.discs),
     }
 
 
@@ -269,12 +263,12 @@ def http(
 ) -> dict[str, Any]:
     """The same studies through the four services; N studies with 1 and 2 client workers; encoder
     batching in-process (``local`` stages) and against the running encoder service."""
-    from discgeo.local import pipeline_services
+    from discgeo.local import client_headers, pipeline_services
     from discgeo.pipeline import RemoteStages, ServiceURLs
 
     with pipeline_services(tmp / "services") as urls:
         services = ServiceURLs(**urls)
-        stages = RemoteStages(services)
+        stages = RemoteStages(services, headers=client_headers())
         try:
             run_study(files, stages, tmp / "http-warm")
             runs = [run_study(files, stages, tmp / f"http-{i}") for i in range(repeats)]
@@ -312,9 +306,10 @@ def http(
 
 
 def _remote_study(files: list[Path], services: Any, out: Path) -> None:
+    from discgeo.local import client_headers
     from discgeo.pipeline import RemoteStages
 
-    stages = RemoteStages(services)  # one client per worker thread
+    stages = RemoteStages(services, headers=client_headers())  # one client per worker thread
     try:
         run_study(files, stages, out)
     finally:

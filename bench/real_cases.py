@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from discgeo import realdata
 from discgeo.analysis import healthy_real_discs
+from discgeo.api import process_study
 from discgeo.io import read_labels, read_volume
-from discgeo.io.dicom import SeriesTags, read_dicom_study, write_dicom_series
-from discgeo.pipeline import LocalStages, analyse_study
+from discgeo.io.dicom import SeriesTags, write_dicom_series
+from discgeo.pipeline import LocalStages
 from discgeo.segmentation import dice_per_level
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,9 @@ def main() -> None:
                 tags=SeriesTags(series_description="SAG T2 TSE", contrast="t2", uid_seed=case),
             )
             for source in ("nifti", "dicom"):
-                start = time.perf_counter()
-                volume = image if source == "nifti" else read_dicom_study(files)[0]
-                read_s = time.perf_counter() - start
-                result, labels = analyse_study(volume, stages, study=case)
+                path = realdata.ivd_t2_dir() / f"{case}.nii.gz" if source == "nifti" else files
+                processed = process_study(path, stages=stages, study=case)
+                result, labels, read_s = processed.result, processed.labels, processed.read_s
                 dice = dice_per_level(labels, truth.with_array(np.asarray(truth.array)))
                 rows.append(
                     {

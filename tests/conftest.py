@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -10,6 +11,7 @@ from onnx import TensorProto, helper
 
 from discgeo import realdata
 from discgeo.artifacts import write_artifact
+from discgeo.auth import bearer_header, new_token_file
 from discgeo.errors import NotFoundError
 
 REAL_CASES = realdata.REAL_CASES
@@ -72,3 +74,27 @@ def threshold_segmenter_artifact(tmp_path_factory) -> Path:
         },
     )
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_tokens(tmp_path_factory) -> dict[str, str]:
+    """Token files for every service the tests start (they inherit this process's environment)."""
+    folder = tmp_path_factory.mktemp("tokens")
+    env = {
+        "DISCGEO_STAGE_TOKEN_FILE": str(new_token_file(folder / "stage.token")),
+        "DISCGEO_GATEWAY_TOKENS_FILE": str(new_token_file(folder / "gateway.token")),
+    }
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def stage_auth(service_tokens) -> dict[str, str]:
+    """The Authorization header the stage services accept."""
+    return bearer_header(Path(service_tokens["DISCGEO_STAGE_TOKEN_FILE"]), "stage token")
+
+
+@pytest.fixture(scope="session")
+def gateway_auth(service_tokens) -> dict[str, str]:
+    """The Authorization header the gateway's API accepts."""
+    return bearer_header(Path(service_tokens["DISCGEO_GATEWAY_TOKENS_FILE"]), "gateway token")

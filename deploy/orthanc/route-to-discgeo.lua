@@ -1,21 +1,23 @@
--- Orthanc routing for discgeo: send every stable MR study to the discgeo gateway (DICOM modality
--- "discgeo"), unless it already holds discgeo's own results (the SEG and SR sent back by the gateway
--- make the study stable again; sending it twice would be ignored by the gateway anyway).
+-- Orthanc routing for discgeo: when a study becomes stable, send its MR series to the discgeo gateway
+-- (DICOM modality "discgeo") if it holds MR instances not routed yet. The SEG and SR the gateway sends
+-- back make the study stable again without new MR instances: nothing is sent then. A new MR series
+-- (or a late instance) is routed again; the gateway stores only instances it does not have and
+-- processes the study as a new revision. `routed` is lost on restart: a repeated send is harmless,
+-- the gateway deduplicates by SOPInstanceUID.
+routed = {}
+
 function OnStableStudy(studyId, tags, metadata)
   local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
-  local hasMR = false
+  local mr, count = {}, 0
   for _, s in ipairs(series) do
-    local modality = s['MainDicomTags']['Modality']
-    local description = s['MainDicomTags']['SeriesDescription'] or ''
-    if modality == 'MR' then
-      hasMR = true
-    end
-    if (modality == 'SEG' or modality == 'SR') and string.find(description, 'discgeo', 1, true) then
-      return
+    if s['MainDicomTags']['Modality'] == 'MR' then
+      table.insert(mr, s['ID'])
+      count = count + #s['Instances']
     end
   end
-  if hasMR then
-    print('discgeo: routing stable study ' .. studyId .. ' to the gateway')
-    RestApiPost('/modalities/discgeo/store', studyId)
+  if count > 0 and routed[studyId] ~= count then
+    routed[studyId] = count
+    print('discgeo: routing ' .. count .. ' MR instance(s) of stable study ' .. studyId .. ' to the gateway')
+    RestApiPost('/modalities/discgeo/store', DumpJson(mr))
   end
 end

@@ -13,7 +13,7 @@ from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
 from discgeo.errors import InvalidDataError
 from discgeo.schemas import NarrowingPrediction, NarrowingRequest
-from discgeo.serving import DISCS, record_model, stage_request
+from discgeo.serving import DISCS, check_tokens, protect, record_model, stage_request
 
 STAGE = "classifier"
 
@@ -26,6 +26,7 @@ STAGE = "classifier"
 )
 class Classifier:
     def __init__(self) -> None:
+        check_tokens()
         self.model = NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier"))
         record_model(STAGE, self.model.version)
 
@@ -49,3 +50,6 @@ class Classifier:
                 features=list(self.model.features),
                 model_version=self.model.version,
             )
+
+
+protect(Classifier)

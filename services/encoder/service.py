@@ -22,7 +22,7 @@ from discgeo.config import Settings
 from discgeo.encoding import CropSpec, disc_crops, unpack_crops
 from discgeo.encoding import Encoder as OnnxEncoder
 from discgeo.io.nifti import nifti_from_bytes
-from discgeo.serving import DISCS, INPUT_BYTES, record_model, stage_request
+from discgeo.serving import DISCS, INPUT_BYTES, check_tokens, protect, record_model, stage_request
 
 STAGE = "encoder"
 
@@ -81,6 +81,7 @@ class Encoder:
     model = bentoml.depends(EncoderModel)
 
     def __init__(self) -> None:
+        check_tokens()
         self.settings = Settings.from_env()
         self.details: dict | None = None
 
@@ -122,3 +123,6 @@ class Encoder:
             crops = disc_crops(volume, spec=CropSpec.from_metadata(await self._details()))
             encoded = await self._encode(crops.crops)
             return DiscLatents(**encoded.model_dump(), levels=crops.levels, too_large=crops.too_large)
+
+
+protect(Encoder)

@@ -1,40 +1,30 @@
-"""Gateway service: DICOMweb STOW-RS and DICOM C-STORE in, the pipeline over the stage services, results
-as JSON, DICOM SEG and SR (optionally forwarded to a PACS).
+"""Gateway service: a thin BentoML adapter over :mod:`discgeo.gateway` (API under ``/gateway``,
+C-STORE SCP, workers calling the stage services with the stage token).
 
-    DISCGEO_GATEWAY_DATA=/var/lib/discgeo DISCGEO_SEGMENTER_URL=... bentoml serve service.py:Gateway
+    DISCGEO_GATEWAY_DATA=/var/lib/discgeo DISCGEO_GATEWAY_TOKENS_FILE=... DISCGEO_STAGE_TOKEN_FILE=... \
+    DISCGEO_SEGMENTER_URL=... bentoml serve service.py:Gateway
 
-HTTP (mounted under /gateway):
-  POST /gateway/dicomweb/studies            STOW-RS (multipart/related; type="application/dicom")
-  GET  /gateway/jobs                        all jobs
-  GET  /gateway/jobs/{key}                  one job (state, instances, error, result files)
-  GET  /gateway/jobs/{key}/files/{name}     a result file (results.json, seg.dcm, sr.dcm, overview.png...)
-  POST /gateway/jobs/{key}/reprocess        process a finished study again
-DICOM: C-STORE SCP on DISCGEO_GATEWAY_DICOM_PORT (AE title DISCGEO_GATEWAY_AE_TITLE, calling AE titles
-restricted to DISCGEO_GATEWAY_ALLOWED_AES when set).
+Every setting is read by :class:`discgeo.config.Settings`; ``/readyz`` follows the workers' heartbeat.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import bentoml
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
 
 from discgeo import __version__
-from discgeo.errors import DiscgeoError
+from discgeo.config import Settings
 from discgeo.gateway import Gateway as GatewayCore
-from discgeo.gateway import GatewayConfig
-from discgeo.pipeline import RemoteStages, ServiceURLs
+from discgeo.gateway.http import create_app
+from discgeo.pipeline import RemoteStages
+from discgeo.serving import check_tokens, protect
 
 QUEUE = bentoml.metrics.Gauge(
-    name="discgeo_gateway_queue_depth", documentation="Studies received or queued but not yet processed"
+    name="discgeo_gateway_queue_depth", documentation="Studies received, queued or in work"
 )
 JOBS = bentoml.metrics.Counter(
-    name="discgeo_gateway_jobs_total", documentation="Finished jobs by outcome", labelnames=["outcome"]
+    name="discgeo_gateway_jobs_total", documentation="Job outcomes by state", labelnames=["outcome"]
 )
 STUDIES = bentoml.metrics.Counter(name="discgeo_studies_processed_total", documentation="Studies processed")
 
@@ -47,70 +37,26 @@ def _core() -> GatewayCore:
     return core
 
 
-async def stow(request: Request) -> Response:
-    try:
-        status, answer = _core().stow(await request.body(), request.headers.get("content-type", ""))
-    except DiscgeoError as exc:
-        return JSONResponse({"error": exc.message}, status_code=exc.http_status)
-    return JSONResponse(answer, status_code=status, media_type="application/dicom+json")
-
-
-async def jobs(request: Request) -> Response:
-    return JSONResponse(_core().store.jobs())
-
-
-async def job(request: Request) -> Response:
-    found = _core().store.job(request.path_params["key"])
-    return JSONResponse(found) if found else JSONResponse({"error": "no such job"}, status_code=404)
-
-
-async def job_file(request: Request) -> Response:
-    folder = _core().store.results / request.path_params["key"]
-    name = request.path_params["name"]
-    path = folder / name
-    if "/" in name or name.startswith(".") or not path.is_file():
-        return JSONResponse({"error": "no such result file"}, status_code=404)
-    return FileResponse(path)
-
-
-async def reprocess(request: Request) -> Response:
-    if _core().store.force(request.path_params["key"]):
-        return JSONResponse({"queued": True}, status_code=202)
-    return JSONResponse({"error": "no finished job with this key"}, status_code=404)
-
-
-app = Starlette(
-    routes=[
-        Route("/dicomweb/studies", stow, methods=["POST"]),
-        Route("/jobs", jobs),
-        Route("/jobs/{key}", job),
-        Route("/jobs/{key}/files/{name}", job_file),
-        Route("/jobs/{key}/reprocess", reprocess, methods=["POST"]),
-    ]
-)
-
-
-@bentoml.service(name="discgeo-gateway", traffic={"timeout": 300}, labels={"discgeo_version": __version__})
-@bentoml.asgi_app(app, path="/gateway")
+@bentoml.service(name="discgeo-gateway", traffic={"timeout": 600}, labels={"discgeo_version": __version__})
+@bentoml.asgi_app(create_app(_core), path="/gateway")
 class Gateway:
     def __init__(self) -> None:
         global core
-        urls = ServiceURLs(
-            **{
-                name: os.environ[f"DISCGEO_{name.upper()}_URL"]
-                for name in ("segmenter", "encoder", "geometry", "classifier")
-            }
-        )
-        core = GatewayCore(GatewayConfig.from_env(), lambda: RemoteStages(urls))
+        check_tokens("gateway")
+        settings = Settings.from_env()
+        core = GatewayCore(settings, lambda: RemoteStages.from_settings(settings))
 
-        def done(key: str, state: str) -> None:
+        def done(state: str) -> None:
             JOBS.labels(outcome=state).inc()
-            if state == "done":
+            if state in ("done", "results_ready"):
                 STUDIES.inc()
 
         core.on_job_done = done
         core.start()
         threading.Thread(target=self._watch_queue, daemon=True).start()
+
+    def __is_ready__(self) -> bool:
+        return _core().ready()
 
     def _watch_queue(self) -> None:
         while True:
@@ -120,7 +66,7 @@ class Gateway:
     @bentoml.api
     def health(self) -> dict:
         """Queue depth and the number of jobs per state."""
-        states: dict[str, int] = {}
-        for entry in _core().store.jobs():
-            states[entry["state"]] = states.get(entry["state"], 0) + 1
-        return {"queue_depth": _core().store.queue_depth(), "jobs": states}
+        return {"queue_depth": _core().store.queue_depth(), "jobs": _core().store.counts()}
+
+
+protect(Gateway, audience="gateway")

@@ -16,7 +16,7 @@ from discgeo.config import Settings
 from discgeo.geometry import DEFAULT_MIN_FRAGMENT_MM3, measure_discs
 from discgeo.io.nifti import nifti_from_bytes
 from discgeo.schemas import GeometryResult
-from discgeo.serving import DISCS, INPUT_BYTES, stage_request
+from discgeo.serving import DISCS, INPUT_BYTES, check_tokens, protect, stage_request
 
 STAGE = "geometry"
 
@@ -29,6 +29,7 @@ STAGE = "geometry"
 )
 class Geometry:
     def __init__(self) -> None:
+        check_tokens()
         self.settings = Settings.from_env()
 
     @bentoml.api(route="/measure")
@@ -41,3 +42,6 @@ class Geometry:
             result = measure_discs(volume, min_fragment_mm3=min_fragment_mm3)
             DISCS.labels(stage=STAGE).inc(len(result.discs))
             return result
+
+
+protect(Geometry)

@@ -24,7 +24,7 @@ from discgeo.config import Settings
 from discgeo.io import read_dicom
 from discgeo.io.nifti import nifti_from_bytes, nifti_to_bytes
 from discgeo.segmentation import Segmenter as OnnxSegmenter
-from discgeo.serving import DISCS, INPUT_BYTES, record_model, stage_request
+from discgeo.serving import DISCS, INPUT_BYTES, check_tokens, protect, record_model, stage_request
 
 STAGE = "segmenter"
 
@@ -37,6 +37,7 @@ STAGE = "segmenter"
 )
 class Segmenter:
     def __init__(self) -> None:
+        check_tokens()
         self.settings = Settings.from_env()
         self.model = OnnxSegmenter.from_settings(self.settings)
         record_model(STAGE, self.model.version, self.model.provider)
@@ -63,3 +64,6 @@ class Segmenter:
             out = Path(ctx.temp_dir) / "labels.nii.gz"
             out.write_bytes(nifti_to_bytes(labels))
             return out
+
+
+protect(Segmenter)

@@ -207,11 +207,8 @@ def _study_inputs(path: Path) -> list[Path]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from discgeo.errors import hashed_uid
-    from discgeo.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume
-    from discgeo.io.dicom import read_dicom_study
-    from discgeo.io.outputs import write_outputs
-    from discgeo.pipeline import LocalStages, analyse_study
+    from discgeo.api import process_study
+    from discgeo.pipeline import LocalStages
 
     stages = LocalStages()
     inputs = _study_inputs(Path(args.input))
@@ -220,18 +217,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for study in tqdm(inputs, desc="studies", unit="study", disable=len(inputs) == 1 or args.quiet):
         out = out_root if len(inputs) == 1 else out_root / study.name.split(".")[0]
         try:
-            if study.is_file() and study.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
-                volume, sources = read_volume(study), None
-            else:
-                volume, sources = read_dicom_study(study)
-            result, labels = analyse_study(volume, stages, study=hashed_uid(str(study.resolve())))
-            write_outputs(out, result, volume, labels, sources)
+            processed = process_study(study, stages=stages, out=out)
         except DiscgeoError as exc:
             failures += 1
             print(f"discgeo: error: {study.name}: {exc.message}", file=sys.stderr)
             continue
+        except Exception as exc:  # a bug, not the input: say so without a traceback full of header values
+            failures += 1
+            print(f"discgeo: internal error: {study.name}: {type(exc).__name__}", file=sys.stderr)
+            continue
+        for warning in processed.result.warnings:
+            print(f"discgeo: warning: {study.name}: {warning}", file=sys.stderr)
         if len(inputs) == 1:
-            print(format_result_table(result))
+            print(format_result_table(processed.result))
             print(f"results in {out}")
     return 2 if failures == len(inputs) else 0
 

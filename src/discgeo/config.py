@@ -14,14 +14,23 @@ variable                               meaning (default)
 ``DISCGEO_ONNX_PROVIDERS``             ONNX Runtime providers in order (CUDA, then CPU, if offered)
 ``DISCGEO_SEGMENTER_MODE``             ``fast`` (one inference scale) or ``accurate`` (the artifact's
                                        multi-scale set, about 5x the segmenter time) (``fast``)
+``DISCGEO_DEVICE_UID``                 the SR's device observer UID (default: derived from the
+                                       deployment secret for the gateway, from the host name else)
+``DISCGEO_FORWARD_FINDINGS``           ``1``: the SR carries the narrowing findings; otherwise it
+                                       carries the measurements only (results.json always has both)
+``DISCGEO_STAGE_TOKEN_FILE``           file holding the bearer token the stage services accept and
+                                       the gateway sends (required by every service)
+``DISCGEO_<STAGE>_URL``                base URL of a stage service, for the gateway
+``DISCGEO_GATEWAY_*``                  the gateway's settings: :class:`GatewaySettings`
 =====================================  ==========================================================
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from discgeo.errors import ConfigurationError
@@ -46,6 +55,11 @@ class Settings:
     artifact_overrides: tuple[tuple[str, Path], ...] = ()
     onnx_providers: tuple[str, ...] = ()
     segmenter_mode: str = "fast"
+    device_uid: str | None = None
+    forward_findings: bool = False
+    stage_token_file: Path | None = None
+    stage_urls: tuple[tuple[str, str], ...] = ()
+    gateway: GatewaySettings = field(default_factory=lambda: GatewaySettings())
 
     def artifact(self, name: str) -> Path:
         """Folder of the artifact ``name`` (``autoencoder``, ``segmenter``, ``classifier``)."""
@@ -96,6 +110,10 @@ class Settings:
                 )
             return items
 
+        def as_path(name: str) -> Path | None:
+            raw = get(name)
+            return Path(raw) if raw else None
+
         segmenter_mode = (get("SEGMENTER_MODE") or cls.segmenter_mode).lower()
         if segmenter_mode not in SEGMENTER_MODES:
             raise ConfigurationError(
@@ -116,4 +134,113 @@ class Settings:
             ),
             onnx_providers=tuple(p.strip() for p in (get("ONNX_PROVIDERS") or "").split(",") if p.strip()),
             segmenter_mode=segmenter_mode,
+            device_uid=get("DEVICE_UID"),
+            forward_findings=(get("FORWARD_FINDINGS") or "0").lower() in ("1", "true", "yes"),
+            stage_token_file=as_path("STAGE_TOKEN_FILE"),
+            stage_urls=tuple(
+                (name, url.rstrip("/")) for name in STAGE_NAMES if (url := get(f"{name.upper()}_URL"))
+            ),
+            gateway=GatewaySettings(
+                data_dir=as_path("GATEWAY_DATA"),
+                ae_title=get("GATEWAY_AE_TITLE") or GatewaySettings.ae_title,
+                dicom_host=get("GATEWAY_DICOM_HOST") or GatewaySettings.dicom_host,
+                dicom_port=as_int("GATEWAY_DICOM_PORT", GatewaySettings.dicom_port),
+                allowed_aes=tuple(
+                    a.strip() for a in (get("GATEWAY_ALLOWED_AES") or "").split(",") if a.strip()
+                ),
+                allowed_sources=_networks(get("GATEWAY_ALLOWED_SOURCES"), GatewaySettings.allowed_sources),
+                idle_s=as_float("GATEWAY_IDLE_S", GatewaySettings.idle_s),
+                stable_s=as_float("GATEWAY_STABLE_S", GatewaySettings.stable_s),
+                workers=as_int("GATEWAY_WORKERS", GatewaySettings.workers),
+                study_timeout_s=as_float("GATEWAY_STUDY_TIMEOUT_S", GatewaySettings.study_timeout_s),
+                retry_s=as_float("GATEWAY_RETRY_S", GatewaySettings.retry_s),
+                max_attempts=as_int("GATEWAY_MAX_ATTEMPTS", GatewaySettings.max_attempts),
+                forward=get("GATEWAY_FORWARD"),
+                max_body_bytes=as_int("GATEWAY_MAX_BODY_BYTES", GatewaySettings.max_body_bytes),
+                retention_days=as_float("GATEWAY_RETENTION_DAYS", GatewaySettings.retention_days),
+                tokens_file=as_path("GATEWAY_TOKENS_FILE"),
+                secret_file=as_path("GATEWAY_SECRET_FILE"),
+            ),
         )
+
+    def stage_url(self, name: str) -> str:
+        """Base URL of the stage service ``name`` (``DISCGEO_<NAME>_URL``)."""
+        url = dict(self.stage_urls).get(name)
+        if url is None:
+            raise ConfigurationError(f"DISCGEO_{name.upper()}_URL must give the {name} service's base URL")
+        return url
+
+
+STAGE_NAMES = ("segmenter", "encoder", "geometry", "classifier")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    """The gateway's part of :class:`Settings` (``DISCGEO_GATEWAY_*``).
+
+    ``data_dir`` (``_DATA``): job database, spool and results (required by the gateway).
+    ``ae_title`` / ``dicom_host`` / ``dicom_port``: the C-STORE SCP (``DISCGEO`` on 127.0.0.1:11112).
+    ``allowed_aes``: calling AE titles that may store (comma-separated; none configured: every
+    association is refused). ``allowed_sources``: networks they may connect from (127.0.0.1/32, ::1).
+    ``idle_s``: a study is complete this long after the last instance once its sender released the
+    association or finished the STOW-RS request (10); ``stable_s``: complete this long after the last
+    instance when the sender never finished (an aborted or broken association) (120).
+    ``workers``: studies processed at once (2); ``study_timeout_s``: deadline of one study (1800);
+    ``retry_s``: how long transient stage failures are retried (600); ``max_attempts``: processing
+    attempts before a study is dead-lettered (3). ``forward``: ``dicom://AET@host:port`` or a DICOMweb
+    base URL for the SEG and SR. ``max_body_bytes``: largest STOW-RS body (2 GiB).
+    ``retention_days``: spool and results of finished studies are deleted after this long (30).
+    ``tokens_file``: bearer tokens (one per line) accepted by the HTTP API (required).
+    ``secret_file``: the deployment secret for hashed keys and the device UID (default:
+    ``<data>/secret``, created on first start).
+    """
+
+    data_dir: Path | None = None
+    ae_title: str = "DISCGEO"
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    allowed_aes: tuple[str, ...] = ()
+    allowed_sources: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    idle_s: float = 10.0
+    stable_s: float = 120.0
+    workers: int = 2
+    study_timeout_s: float = 1800.0
+    retry_s: float = 600.0
+    max_attempts: int = 3
+    forward: str | None = None
+    max_body_bytes: int = 2 * 1024**3
+    retention_days: float = 30.0
+    tokens_file: Path | None = None
+    secret_file: Path | None = None
+
+    def data(self) -> Path:
+        if self.data_dir is None:
+            raise ConfigurationError("DISCGEO_GATEWAY_DATA must name the gateway's data folder")
+        return self.data_dir
+
+
+def _networks(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None:
+        return default
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigurationError(
+                f"DISCGEO_GATEWAY_ALLOWED_SOURCES: {item!r} is not an address or network"
+            ) from None
+    return items
+
+
+def read_tokens(path: Path | None, what: str) -> tuple[str, ...]:
+    """Bearer tokens from a file (one per line, e.g. a mounted Kubernetes Secret); refuses none."""
+    if path is None:
+        raise ConfigurationError(f"{what} must name a file of bearer tokens (one per line)")
+    try:
+        tokens = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    except OSError as exc:
+        raise ConfigurationError(f"{what}: cannot read {path} ({exc.strerror})") from None
+    if not tokens or any(len(t) < 16 for t in tokens):
+        raise ConfigurationError(f"{what}: {path} must hold tokens of at least 16 characters")
+    return tokens

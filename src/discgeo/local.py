@@ -31,6 +31,32 @@ UP_DIR = ROOT / "build" / "up"
 UP_PORTS = {"segmenter": 3001, "encoder": 3002, "geometry": 3003, "classifier": 3004, "gateway": 3005}
 
 
+def stack_tokens(folder: Path) -> dict[str, str]:
+    """The token files of a local stack: those the environment names, else new ones in ``folder``
+    (the stage services accept the stage token, which the gateway sends; clients use the gateway's)."""
+    from discgeo.auth import new_token_file
+
+    env = {}
+    for variable, name in (
+        ("DISCGEO_STAGE_TOKEN_FILE", "stage.token"),
+        ("DISCGEO_GATEWAY_TOKENS_FILE", "gateway.token"),
+    ):
+        env[variable] = os.environ.get(variable) or str(
+            folder / name if (folder / name).exists() else new_token_file(folder / name)
+        )
+    return env
+
+
+def client_headers(audience: str = "stage") -> dict[str, str]:
+    """The Authorization header for the local stack's stage services or gateway (tokens of the
+    environment, as :func:`stack_tokens` left them)."""
+    from discgeo.auth import bearer_header
+
+    variable = "DISCGEO_STAGE_TOKEN_FILE" if audience == "stage" else "DISCGEO_GATEWAY_TOKENS_FILE"
+    value = os.environ.get(variable)
+    return bearer_header(Path(value) if value else None, variable)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -108,7 +134,7 @@ def bentoml_service(
         _serve_command(target, port),
         cwd=workdir,
         log=home / "serve.log",
-        env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
+        env={"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", **stack_tokens(home), **(env or {})},
     )
     try:
         _wait_ready(process, url + "/readyz", home / "serve.log", what=target, timeout=timeout)
@@ -205,8 +231,10 @@ def pipeline_services(
     gateway: dict[str, str] | None = None,
     ports: dict[str, int] | None = None,
 ) -> Iterator[dict[str, str]]:
-    """The four stage services, and the gateway when ``gateway`` (its DISCGEO_GATEWAY_* settings) is given."""
+    """The four stage services, and the gateway when ``gateway`` (its DISCGEO_GATEWAY_* settings) is given;
+    all share the token files of :func:`stack_tokens`."""
     ports = ports or {}
+    env = {**stack_tokens(root), **(env or {})}
     with ExitStack() as stack:
         urls = {
             name: stack.enter_context(
@@ -239,7 +267,7 @@ def up() -> dict[str, Any]:
     """Start the five services and Orthanc in the background; the state goes to build/up/state.json."""
     if (UP_DIR / "state.json").exists():
         raise SystemExit("already up (build/up/state.json exists); run `make down` first")
-    env = {"BENTOML_DO_NOT_TRACK": "true"}
+    env = {"BENTOML_DO_NOT_TRACK": "true", **stack_tokens(UP_DIR)}
     processes: dict[str, int] = {}
     urls: dict[str, str] = {}
     try:
@@ -260,6 +288,7 @@ def up() -> dict[str, Any]:
             "DISCGEO_GATEWAY_DATA": str(UP_DIR / "data"),
             "DISCGEO_GATEWAY_DICOM_PORT": "11112",
             "DISCGEO_GATEWAY_FORWARD": "dicom://ORTHANC@127.0.0.1:4242",
+            "DISCGEO_GATEWAY_ALLOWED_AES": "ORTHANC,STORESCU",
             **{f"DISCGEO_{n.upper()}_URL": u for n, u in urls.items()},
         }
         process = _spawn(
@@ -297,6 +326,7 @@ def up() -> dict[str, Any]:
         "pids": processes,
         "urls": urls,
         "gateway_dicom": "DISCGEO@127.0.0.1:11112",
+        "gateway_token_file": env["DISCGEO_GATEWAY_TOKENS_FILE"],
         "orthanc_dicom": "ORTHANC@127.0.0.1:4242" if "orthanc" in urls else None,
     }
     (UP_DIR / "state.json").write_text(json.dumps(state, indent=1))
@@ -328,7 +358,10 @@ def main() -> None:
         state = up()
         for name, url in state["urls"].items():
             print(f"{name:11s} {url}")
-        print(f"gateway DICOM  {state['gateway_dicom']} (C-STORE)")
+        print(f"gateway DICOM  {state['gateway_dicom']} (C-STORE from AE titles ORTHANC and STORESCU)")
+        print(
+            f'gateway token  {state["gateway_token_file"]} (curl -H "Authorization: Bearer $(cat FILE)" ...)'
+        )
         if state["orthanc_dicom"]:
             print(
                 f"Orthanc DICOM  {state['orthanc_dicom']}: stable MR studies are routed to the gateway, "

@@ -9,6 +9,7 @@ a :class:`~discgeo.schemas.StudyResult` plus the label map, with per-stage timin
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from discgeo.config import STAGE_NAMES, Settings
 from discgeo.errors import DiscgeoError, InvalidDataError
 from discgeo.schemas import DiscResult, GeometryResult, NarrowingPrediction, StudyResult
 from discgeo.volume import Volume
@@ -101,13 +103,18 @@ class LocalStages:
 
 
 class RemoteStageError(DiscgeoError):
-    """A stage service answered with an error (4xx: the input; 5xx after retries: the service)."""
+    """A stage service answered with an error (4xx: the input; 5xx after retries: the service).
+
+    ``transient`` says whether trying the same study again later may succeed (the service was
+    unreachable or failed), as opposed to the input being refused or a call timing out (a timed-out
+    segmentation is not blindly repeated: it would run again on a service that may still be busy)."""
 
     code = "stage_error"
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, *, transient: bool = False) -> None:
         super().__init__(message)
         self.http_status = status if 400 <= status < 500 else 502
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,10 @@ class ServiceURLs:
 class RemoteStages:
     """The stages as HTTP calls to the BentoML services.
 
-    Timeouts are per stage (segmentation is slow on CPU); connection errors, timeouts and 5xx answers
-    are retried ``retries`` times with exponential backoff; 4xx answers are raised at once.
+    Timeouts are per stage (segmentation is slow on CPU) and never reach past ``deadline`` (a
+    ``time.monotonic()`` value, set per study by the gateway); connection errors and 5xx answers are
+    retried ``retries`` times with exponential backoff and jitter; 4xx answers and timeouts are
+    raised at once. Every call carries ``headers`` (the bearer token of the stage services).
     """
 
     def __init__(
@@ -134,10 +143,12 @@ class RemoteStages:
         timeouts_s: dict[str, float] | None = None,
         retries: int = 3,
         backoff_s: float = 0.5,
+        headers: dict[str, str] | None = None,
     ) -> None:
         import httpx
 
         self.urls = urls
+        self.deadline: float | None = None
         self.timeouts = {
             "segmenter": 600.0,
             "encoder": 120.0,
@@ -147,8 +158,16 @@ class RemoteStages:
         }
         self.retries = retries
         self.backoff = backoff_s
-        self.client = httpx.Client()
+        self.client = httpx.Client(headers=headers or {})
         self._versions: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RemoteStages:
+        """The four services at ``DISCGEO_<STAGE>_URL`` with the token of ``DISCGEO_STAGE_TOKEN_FILE``."""
+        from discgeo.auth import bearer_header
+
+        urls = ServiceURLs(**{name: settings.stage_url(name) for name in STAGE_NAMES})
+        return cls(urls, headers=bearer_header(settings.stage_token_file, "DISCGEO_STAGE_TOKEN_FILE"))
 
     def close(self) -> None:
         """Release the HTTP connections."""
@@ -159,21 +178,36 @@ class RemoteStages:
 
         delay = self.backoff
         for attempt in range(self.retries + 1):
+            timeout = self.timeouts[stage]
+            if self.deadline is not None:
+                timeout = min(timeout, self.deadline - time.monotonic())
+                if timeout <= 0:
+                    raise RemoteStageError(f"the study's deadline passed before the {stage} call", 504)
             try:
-                response = send(self.timeouts[stage])
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                response = send(timeout)
+            except httpx.TimeoutException:
+                raise RemoteStageError(
+                    f"{stage} service did not answer within {timeout:.0f} s", 504
+                ) from None
+            except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise RemoteStageError(
-                        f"{stage} service unreachable after {attempt + 1} tries: {type(exc).__name__}", 503
+                        f"{stage} service unreachable after {attempt + 1} tries: {type(exc).__name__}",
+                        503,
+                        transient=True,
                     ) from None
             else:
                 if response.status_code < 400:
                     return response
                 message = _error_text(response)
                 if response.status_code < 500 or attempt == self.retries:
-                    raise RemoteStageError(f"{stage} service: {message}", response.status_code)
+                    raise RemoteStageError(
+                        f"{stage} service: {message}",
+                        response.status_code,
+                        transient=response.status_code >= 500,
+                    )
             log.warning("%s call failed (try %d), retrying in %.1f s", stage, attempt + 1, delay)
-            time.sleep(delay)
+            time.sleep(delay * random.uniform(0.5, 1.5))
             delay *= 2
         raise AssertionError("unreachable")
 

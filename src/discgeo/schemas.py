@@ -105,4 +105,7 @@ class StudyResult(_Model):
     model_versions: dict[str, str]
     discs: list[DiscResult]
     flags: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(
+        default_factory=list, description="what was normalised or dropped in the input (names, never values)"
+    )
     timings_s: dict[str, float]

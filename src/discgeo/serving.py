@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
+from typing import Any
 
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from discgeo.auth import BearerAuth, accepted_tokens
 from discgeo.errors import DiscgeoError
 
 log = logging.getLogger("discgeo.service")
@@ -53,6 +55,17 @@ MODEL_INFO = bentoml.metrics.Gauge(
     documentation="Loaded model artifact (value 1): stage, version and ONNX Runtime provider",
     labelnames=["stage", "version", "provider"],
 )
+
+
+def protect(service: Any, audience: str = "stage") -> Any:
+    """Require a bearer token on every endpoint of ``service`` but the probes and metrics."""
+    service.add_asgi_middleware(BearerAuth, audience=audience)
+    return service
+
+
+def check_tokens(audience: str = "stage") -> None:
+    """Fail the service's start (not its first request) when no token is configured."""
+    accepted_tokens(audience)
 
 
 def record_model(stage: str, version: str, provider: str = "none") -> None:

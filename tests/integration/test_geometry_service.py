@@ -15,7 +15,7 @@ import pytest
 
 from discgeo.geometry import measure_discs
 from discgeo.io import read_labels
-from discgeo.local import ROOT, bentoml_service
+from discgeo.local import ROOT, bentoml_service, client_headers
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,12 @@ def geometry_url(tmp_path_factory):
 
 
 def _post(url: str, data: bytes, name: str = "labels.nii.gz") -> httpx.Response:
-    return httpx.post(url + "/measure", files={"labels": (name, data, "application/gzip")}, timeout=60)
+    return httpx.post(
+        headers=client_headers(),
+        url=url + "/measure",
+        files={"labels": (name, data, "application/gzip")},
+        timeout=60,
+    )
 
 
 def _nifti_bytes(array: np.ndarray, affine=None) -> bytes:

@@ -14,7 +14,7 @@ from discgeo.config import Settings
 from discgeo.encoding import Encoder, pack_crops
 from discgeo.io import read_labels
 from discgeo.io.nifti import nifti_to_bytes
-from discgeo.local import ROOT, bentoml_service
+from discgeo.local import ROOT, bentoml_service, client_headers
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,10 @@ def classifier_url(tmp_path_factory):
 
 def _encode(url: str, data: bytes) -> httpx.Response:
     return httpx.post(
-        url + "/encode", files={"crops": ("crops.npz", data, "application/octet-stream")}, timeout=120
+        headers=client_headers(),
+        url=url + "/encode",
+        files={"crops": ("crops.npz", data, "application/octet-stream")},
+        timeout=120,
     )
 
 
@@ -61,7 +64,8 @@ def test_encoder_over_http_matches_in_process(encoder_url, ivd_dir, local_encode
     assert body["model_version"] == local_encoder.version and body["provider"] == "CPUExecutionProvider"
     # the pipeline's path: the service crops the label map as its artifact prescribes
     discs = httpx.post(
-        encoder_url + "/encode_discs",
+        headers=client_headers(),
+        url=encoder_url + "/encode_discs",
         files={"labels": ("labels.nii.gz", nifti_to_bytes(labels), "application/gzip")},
         timeout=120,
     )
@@ -70,7 +74,9 @@ def test_encoder_over_http_matches_in_process(encoder_url, ivd_dir, local_encode
     assert by_discs["levels"] == ["L5-S1", "L4-L5", "L3-L4", "L2-L3", "L1-L2"] and by_discs["too_large"] == []
     assert np.allclose(by_discs["latents"], latents, atol=1e-4)
     bad = httpx.post(
-        encoder_url + "/encode_discs", files={"labels": ("labels.nii.gz", b"junk", "application/gzip")}
+        headers=client_headers(),
+        url=encoder_url + "/encode_discs",
+        files={"labels": ("labels.nii.gz", b"junk", "application/gzip")},
     )
     assert 400 <= bad.status_code < 500, bad.text
 
@@ -120,21 +126,30 @@ def test_classifier_over_http(classifier_url):
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(3, len(local.features)))
     rows[:, local.features.index("height_vs_level")] = [0.5, 1.0, 1.3]
-    response = httpx.post(classifier_url + "/predict", json={"rows": rows.tolist()}, timeout=30)
+    response = httpx.post(
+        headers=client_headers(), url=classifier_url + "/predict", json={"rows": rows.tolist()}, timeout=30
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     p, labels = local.predict(rows)
     assert np.allclose(body["probabilities"], p) and body["labels"] == labels.tolist()
     assert body["model_version"] == local.version and body["features"] == list(local.features)
     by_name = [dict(zip(local.features, row, strict=True)) for row in rows.tolist()]
-    again = httpx.post(classifier_url + "/predict", json={"discs": by_name}, timeout=30).json()
+    again = httpx.post(
+        headers=client_headers(), url=classifier_url + "/predict", json={"discs": by_name}, timeout=30
+    ).json()
     assert np.allclose(again["probabilities"], p)
     # latents of the autoencoder the classifier was trained on are accepted, others refused; a
     # classifier without latent features (the shipped one uses the relative features) takes any
     same = {"rows": rows.tolist(), "encoder_version": local.encoder_version}
-    assert httpx.post(classifier_url + "/predict", json=same, timeout=30).status_code == 200
+    assert (
+        httpx.post(
+            headers=client_headers(), url=classifier_url + "/predict", json=same, timeout=30
+        ).status_code
+        == 200
+    )
     other = {"rows": rows.tolist(), "encoder_version": "0.0.0-other"}
-    answer = httpx.post(classifier_url + "/predict", json=other, timeout=30)
+    answer = httpx.post(headers=client_headers(), url=classifier_url + "/predict", json=other, timeout=30)
     if local.encoder_version is None:
         assert answer.status_code == 200, answer.text
     else:
@@ -161,7 +176,7 @@ def test_classifier_rejects_bad_features(classifier_url, body, message):
     response = httpx.post(
         classifier_url + "/predict",
         content=json.dumps(body),
-        headers={"content-type": "application/json"},
+        headers={**client_headers(), "content-type": "application/json"},
         timeout=30,
     )
     assert 400 <= response.status_code < 500, response.text

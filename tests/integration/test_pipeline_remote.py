@@ -8,7 +8,7 @@ import pytest
 from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
 from discgeo.encoding import Encoder
-from discgeo.local import pipeline_services
+from discgeo.local import client_headers, pipeline_services
 from discgeo.phantom import make_case
 from discgeo.pipeline import LocalStages, RemoteStageError, RemoteStages, ServiceURLs, analyse_study
 from discgeo.segmentation import Segmenter
@@ -35,7 +35,7 @@ def test_remote_equals_local(urls, threshold_segmenter_artifact):
         encoder=Encoder.from_artifact(settings.artifact("autoencoder")),
         classifier=NarrowingClassifier.from_artifact(settings.artifact("classifier")),
     )
-    remote = RemoteStages(urls)
+    remote = RemoteStages(urls, headers=client_headers())
     volume = _study()
     expected, labels_local = analyse_study(volume, local, study="s")
     got, labels_remote = analyse_study(volume, remote, study="s")
@@ -56,7 +56,7 @@ def test_remote_equals_local(urls, threshold_segmenter_artifact):
 
 
 def test_no_retry_on_4xx_and_retries_on_unreachable(urls):
-    remote = RemoteStages(urls, retries=2, backoff_s=0.05)
+    remote = RemoteStages(urls, retries=2, backoff_s=0.05, headers=client_headers())
     with pytest.raises(RemoteStageError, match="classifier service: missing feature") as info:
         remote.classify([{"latent_0": 1.0}])
     assert info.value.http_status == 400
@@ -69,6 +69,27 @@ def test_no_retry_on_4xx_and_retries_on_unreachable(urls):
         ),
         retries=2,
         backoff_s=0.05,
+        headers=client_headers(),
     )
     with pytest.raises(RemoteStageError, match="segmenter service unreachable after 3 tries"):
         dead.segment(_study())
+
+
+def test_stage_services_need_the_token(urls):
+    import httpx
+
+    for url in (urls.segmenter, urls.encoder, urls.geometry, urls.classifier):
+        assert httpx.get(url + "/readyz", timeout=10).status_code == 200  # probes stay open
+        assert httpx.get(url + "/metrics", timeout=10).status_code == 200
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-token-of-enough-length"},
+        {"Authorization": "Basic x"},
+    ):
+        answer = httpx.post(urls.classifier + "/predict", json={"rows": [[0.0]]}, headers=headers, timeout=10)
+        assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Bearer")
+        assert httpx.post(urls.geometry + "/measure", headers=headers, timeout=10).status_code == 401
+    ok = httpx.post(
+        urls.classifier + "/predict", json={"rows": [[0.0]]}, headers=client_headers(), timeout=10
+    )
+    assert ok.status_code == 400  # past authentication, refused for its content

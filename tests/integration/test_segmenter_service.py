@@ -13,7 +13,7 @@ import pytest
 
 from discgeo.io.dicom import write_dicom_series
 from discgeo.io.nifti import nifti_to_bytes
-from discgeo.local import ROOT, bentoml_service
+from discgeo.local import ROOT, bentoml_service, client_headers
 from discgeo.phantom import make_case
 from discgeo.segmentation import Segmenter
 
@@ -41,7 +41,10 @@ def bright_disc_study():
 
 def _post(url, data, name):
     return httpx.post(
-        url + "/segment", files={"volume": (name, data, "application/octet-stream")}, timeout=300
+        headers=client_headers(),
+        url=url + "/segment",
+        files={"volume": (name, data, "application/octet-stream")},
+        timeout=300,
     )
 
 

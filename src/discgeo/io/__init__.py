@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from pydicom.dataset import Dataset
 
 from discgeo.config import Settings
 from discgeo.errors import NotFoundError, UnsupportedFormatError
-from discgeo.io.dicom import read_dicom
+from discgeo.io.dicom import read_dicom, read_dicom_study
 from discgeo.io.mha import read_mha
 from discgeo.io.nifti import read_nifti, write_nifti
 from discgeo.volume import Volume
@@ -28,6 +31,20 @@ def read_volume(path: str | Path, *, settings: Settings | None = None, labels: b
     return read_dicom(path, settings=settings)
 
 
+def read_study(
+    source: str | Path | Sequence[str | Path], *, settings: Settings | None = None
+) -> tuple[Volume, list[Dataset] | None]:
+    """One study: a DICOM folder, zip or list of files (the chosen series and the headers of its files),
+    or a NIfTI/MHA file (no DICOM headers)."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise NotFoundError(f"{path} does not exist")
+        if path.is_file() and path.name.lower().endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
+            return read_volume(path, settings=settings), None
+    return read_dicom_study(source, settings=settings)
+
+
 def read_labels(path: str | Path, *, settings: Settings | None = None) -> Volume:
     """Read a label map from NIfTI, MetaImage/NRRD or a DICOM SEG file."""
     path = Path(path)
@@ -41,4 +58,4 @@ def read_labels(path: str | Path, *, settings: Settings | None = None) -> Volume
     return read_volume(path, settings=settings, labels=True)
 
 
-__all__ = ["read_dicom", "read_labels", "read_mha", "read_nifti", "read_volume", "write_nifti"]
+__all__ = ["read_dicom", "read_labels", "read_mha", "read_nifti", "read_study", "read_volume", "write_nifti"]

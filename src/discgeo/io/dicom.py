@@ -39,6 +39,8 @@ from discgeo.errors import (
 from discgeo.volume import LPS_TO_RAS, Volume, check_size
 
 Source = str | Path | Sequence[str | Path]
+# values are checked where they matter (discgeo.io.conform); pydicom's own warnings would print them
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 # --------------------------------------------------------------------------------------------- input

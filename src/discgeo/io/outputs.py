@@ -18,6 +18,7 @@ from pydicom.sr.coding import Code
 
 from discgeo import __version__, levels
 from discgeo.io.nifti import write_nifti
+from discgeo.io.provenance import Provenance
 from discgeo.io.seg import write_seg
 from discgeo.schemas import StudyResult
 from discgeo.volume import Volume
@@ -45,22 +46,49 @@ NARROWING = Code("narrowing", SCHEME, "Disc space narrowing")
 NARROWING_PROBABILITY = Code("narrowing-probability", SCHEME, "Probability of disc space narrowing")
 
 
+QUALITY_FLAGS = {
+    "unusual_shape": Code("unusual-shape", SCHEME, "Unusual disc shape (poor autoencoder reconstruction)"),
+    "too_large_for_encoder": Code("too-large-for-encoder", SCHEME, "Disc larger than the encoder's crop"),
+}
+RESEARCH_USE = "Research use only, not for diagnosis: measurements and findings are not validated clinically."
+SR_SERIES_DESCRIPTION = "discgeo measurements: research use, not for diagnosis"
+
+
 def write_sr(
     result: StudyResult,
     seg: Dataset,
     source_images: Sequence[Dataset],
     path: str | Path,
     *,
+    provenance: Provenance,
     series_number: int = 902,
 ) -> Path:
-    """A Comprehensive 3D SR (TID 1500 measurement report) with one measurement group per disc."""
+    """A Comprehensive 3D SR (TID 1500 measurement report) with one measurement group per disc.
+
+    Each group references its segment in ``seg``; its measurements name the geometry algorithm, the
+    narrowing probability and finding (only when ``provenance.include_findings``) the classifier and
+    autoencoder versions; per-disc quality flags are qualitative evaluations; a comment states
+    research use. UIDs come from ``provenance``.
+    """
+    versions = provenance.model_versions
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="discgeo", manufacturer_name="discgeo", model_name=f"discgeo {__version__}"
+            uid=provenance.device_uid,
+            name="discgeo",
+            manufacturer_name="discgeo",
+            model_name=f"discgeo {__version__}",
         ),
     )
-    algorithm = hd.sr.AlgorithmIdentification(name="discgeo", version=__version__)
+    segmenter = hd.sr.AlgorithmIdentification(
+        name="discgeo segmenter", version=versions.get("segmenter", "unknown")
+    )
+    geometry = hd.sr.AlgorithmIdentification(name="discgeo geometry", version=__version__)
+    classifier = hd.sr.AlgorithmIdentification(
+        name="discgeo narrowing classifier",
+        version=versions.get("classifier", "unknown"),
+        parameters=[f"autoencoder {versions.get('encoder', 'unknown')}"],
+    )
     segment_of = {desc.SegmentLabel.split(" ")[0]: desc.SegmentNumber for desc in seg.SegmentSequence}
     # every disc was segmented from the whole series: reference the series, not each of its images
     source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
@@ -70,18 +98,22 @@ def write_sr(
             continue
         measurements = [
             hd.sr.Measurement(
-                name=code, value=float(getattr(disc.geometry, field)), unit=unit, algorithm_id=algorithm
+                name=code, value=float(getattr(disc.geometry, field)), unit=unit, algorithm_id=geometry
             )
             for field, code, unit in SR_MEASUREMENTS
         ]
-        evaluations = []
-        if disc.narrowing_probability is not None:
+        evaluations = [
+            hd.sr.QualitativeEvaluation(name=QUALITY_FLAGS[flag], value=codes.SCT.Present)
+            for flag in disc.flags
+            if flag in QUALITY_FLAGS
+        ]
+        if provenance.include_findings and disc.narrowing_probability is not None:
             measurements.append(
                 hd.sr.Measurement(
                     name=NARROWING_PROBABILITY,
                     value=disc.narrowing_probability,
                     unit=UNITLESS,
-                    algorithm_id=algorithm,
+                    algorithm_id=classifier,
                 )
             )
             evaluations.append(
@@ -91,12 +123,14 @@ def write_sr(
             )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"disc {disc.level}"),
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=provenance.uid(f"tracking {disc.level}"), identifier=f"disc {disc.level}"
+                ),
                 referenced_segment=hd.sr.ReferencedSegment(
                     seg.SOPClassUID, seg.SOPInstanceUID, segment_of[disc.level], source_series=source_series
                 ),
                 finding_type=levels.disc_structure_code(disc.level),
-                algorithm_id=algorithm,
+                algorithm_id=segmenter,
                 measurements=measurements,
                 qualitative_evaluations=evaluations or None,
             )
@@ -107,16 +141,23 @@ def write_sr(
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
+    report[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=RESEARCH_USE,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, seg],
         content=report,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=provenance.uid("sr series"),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=provenance.uid("sr instance"),
         instance_number=1,
         manufacturer="discgeo",
         is_complete=True,
-        series_description="discgeo disc measurements",
+        series_description=SR_SERIES_DESCRIPTION,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +235,12 @@ def write_outputs(
     image: Volume,
     labels: Volume,
     source_images: Sequence[Dataset] | None = None,
+    *,
+    provenance: Provenance | None = None,
 ) -> dict[str, Path]:
-    """Write every result file of one study; DICOM SEG and SR only when the input was DICOM."""
+    """Write every result file of one study; DICOM SEG and SR only when the input was DICOM (then
+    ``provenance`` is required and ``source_images`` must already be conformant:
+    :func:`discgeo.io.conform.conform_sources`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -207,8 +252,10 @@ def write_outputs(
     write_nifti(labels, files["labels"])
     overview_png(image, labels, result, files["overview"])
     if source_images:
+        if provenance is None:
+            raise ValueError("DICOM outputs need their provenance")
         discs = [(d.label, d.level) for d in result.discs]
         files["seg"] = out / "seg.dcm"
-        seg = write_seg(labels, source_images, files["seg"], discs=discs)
-        files["sr"] = write_sr(result, seg, source_images, out / "sr.dcm")
+        seg = write_seg(labels, source_images, files["seg"], discs=discs, provenance=provenance)
+        files["sr"] = write_sr(result, seg, source_images, out / "sr.dcm", provenance=provenance)
     return files

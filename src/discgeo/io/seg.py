@@ -13,11 +13,10 @@ from pydicom.sr.codedict import codes
 
 from discgeo import __version__, levels
 from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError, UnsupportedFormatError
+from discgeo.io.provenance import Provenance
 from discgeo.volume import LPS_TO_RAS, Volume
 
-ALGORITHM = hd.AlgorithmIdentificationSequence(
-    name="discgeo", version=__version__, family=codes.cid7162.ArtificialIntelligence
-)
+SERIES_DESCRIPTION = "discgeo discs: research use, not for diagnosis"
 
 
 def write_seg(
@@ -26,16 +25,25 @@ def write_seg(
     path: str | Path,
     *,
     discs: Sequence[tuple[int, str]],
+    provenance: Provenance,
     series_number: int = 901,
 ) -> hd.seg.Segmentation:
     """Write the discs of ``labels`` as a binary DICOM SEG referencing ``source_images``; returns it.
 
     ``discs`` lists ``(label value, level name)``; segment n is the n-th disc, labelled with its level
     and coded with the SNOMED CT structure of that disc. The label map must share the source series'
-    frame of reference (any grid: highdicom matches frames by their positions).
+    frame of reference (any grid: highdicom matches frames by their positions). UIDs come from
+    ``provenance`` (the same study, revision and models give the same SEG), the algorithm is the
+    segmenter artifact with its version.
     """
     if not discs:
         raise InvalidDataError("no discs to write into a DICOM SEG")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="discgeo segmenter",
+        version=provenance.model_versions.get("segmenter", "unknown"),
+        family=codes.cid7162.ArtificialIntelligence,
+        source=f"discgeo {__version__}",
+    )
     segment_map = np.zeros(labels.shape, dtype=np.uint8)
     descriptions = []
     for number, (value, level) in enumerate(discs, start=1):
@@ -47,8 +55,8 @@ def write_seg(
                 segmented_property_category=codes.SCT.AnatomicalStructure,
                 segmented_property_type=levels.disc_structure_code(level),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=ALGORITHM,
-                tracking_uid=hd.UID(),
+                algorithm_identification=algorithm,
+                tracking_uid=provenance.uid(f"tracking {level}"),
                 tracking_id=f"disc {level}",
             )
         )
@@ -65,15 +73,15 @@ def write_seg(
         pixel_array=volume,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=provenance.uid("seg series"),
         series_number=series_number,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=provenance.uid("seg instance"),
         instance_number=1,
         manufacturer="discgeo",
         manufacturer_model_name="discgeo",
         software_versions=__version__,
-        device_serial_number="0",
-        series_description="discgeo intervertebral discs",
+        device_serial_number=provenance.device_uid,
+        series_description=SERIES_DESCRIPTION,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,181 @@
+"""The gateway's engine: a bounded pool of workers over the job store, a scheduler (completion,
+outbox, retention, heartbeat) and the C-STORE listener.
+
+Each worker owns its stages (one HTTP client per worker) and runs :func:`discgeo.api.process_study`
+on one claimed study at a time, within the study's deadline. Outcomes: results written (forwarded
+through the outbox when a PACS is configured), the input refused (``failed``), a transient stage
+failure (queued again with backoff and jitter, for up to ``retry_s``), an internal error or a timeout
+(queued again until ``max_attempts``, then ``dead``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from discgeo.config import Settings
+from discgeo.errors import DiscgeoError
+from discgeo.gateway.forward import forward
+from discgeo.gateway.ingest import Ingest, start_scp
+from discgeo.gateway.store import Claim, JobStore, load_secret
+from discgeo.io.provenance import device_uid
+from discgeo.pipeline import RemoteStageError, Stages
+
+log = logging.getLogger("discgeo.gateway")
+
+POLL_S = 0.5
+HEARTBEAT_LIMIT_S = 30.0
+EXPIRE_EVERY_S = 3600.0
+
+
+class Gateway:
+    """Ingest, completion, processing and forwarding around a :class:`JobStore`."""
+
+    def __init__(self, settings: Settings, stages_factory: Callable[[], Stages]) -> None:
+        self.settings = settings
+        self.config = settings.gateway
+        data = self.config.data()
+        secret = load_secret(self.config.secret_file or data / "secret")
+        self.store = JobStore(data, secret)
+        self.ingest = Ingest(self.store)
+        self.device_uid = device_uid(settings.device_uid, secret=secret)
+        self.stages_factory = stages_factory
+        self.on_job_done: Callable[[str], None] = lambda state: None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._scp: Any = None
+        self.heartbeat = time.monotonic()
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Recover interrupted studies, start the workers, the scheduler and the C-STORE listener."""
+        self.store.recover(self.config.max_attempts)
+        for i in range(self.config.workers):
+            self._threads.append(threading.Thread(target=self._work, name=f"discgeo-worker-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._schedule, name="discgeo-scheduler", daemon=True))
+        for thread in self._threads:
+            thread.start()
+        if self.config.allowed_aes:
+            self._scp = start_scp(self.ingest, self.config)
+            log.info(
+                "C-STORE SCP %s on %s:%d",
+                self.config.ae_title,
+                self.config.dicom_host,
+                self.config.dicom_port,
+            )
+        else:
+            log.warning("C-STORE disabled: no calling AE title allowed (DISCGEO_GATEWAY_ALLOWED_AES)")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._scp is not None:
+            self._scp.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def ready(self) -> bool:
+        """Ready while the scheduler beats and every worker thread lives."""
+        alive = all(t.is_alive() for t in self._threads) and bool(self._threads)
+        return alive and time.monotonic() - self.heartbeat < HEARTBEAT_LIMIT_S
+
+    # ---------------------------------------------------------------------------------- scheduler
+    def _schedule(self) -> None:
+        last_expiry = 0.0
+        while not self._stop.is_set():
+            try:
+                self.store.promote(self.config.idle_s, self.config.stable_s)
+                if self.config.forward:
+                    self._forward_pending()
+                if time.monotonic() - last_expiry > EXPIRE_EVERY_S:
+                    self.store.expire(self.config.retention_days)
+                    last_expiry = time.monotonic()
+                self.heartbeat = time.monotonic()
+            except Exception:  # the scheduler must keep beating; readiness shows if it cannot
+                log.exception("scheduler step failed")
+            self._stop.wait(POLL_S)
+
+    def _forward_pending(self) -> None:
+        assert self.config.forward is not None
+        for key, revision, attempts in self.store.pending_outbox():
+            folder = self.store.results_dir(key, revision)
+            try:
+                forward(
+                    self.config.forward,
+                    [folder / "seg.dcm", folder / "sr.dcm"],
+                    calling_ae=self.config.ae_title,
+                )
+            except (DiscgeoError, OSError) as exc:
+                message = exc.message if isinstance(exc, DiscgeoError) else type(exc).__name__
+                self.store.forward_failed(key, revision, message)
+                log.warning("forwarding failed (try %d), retried later: %s", attempts + 1, message)
+                return  # the PACS is down: do not hammer it with the rest of the outbox
+            self.store.forwarded(key, revision)
+            self.on_job_done("forwarded")
+
+    # ------------------------------------------------------------------------------------ workers
+    def _work(self) -> None:
+        stages: Stages | None = None
+        while not self._stop.is_set():
+            claim = self.store.claim()
+            if claim is None:
+                self._stop.wait(POLL_S)
+                continue
+            if stages is None:
+                stages = self.stages_factory()
+            self.process(claim, stages)
+
+    def process(self, claim: Claim, stages: Stages) -> str:
+        """Run the pipeline on one claimed study and record the outcome; returns the new state."""
+        from discgeo.api import process_study
+
+        start = time.perf_counter()
+        if hasattr(stages, "deadline"):
+            stages.deadline = time.monotonic() + self.config.study_timeout_s
+        state = "failed"
+        try:
+            processed = process_study(
+                self.store.files(claim.key),
+                stages=stages,
+                out=self.store.results_dir(claim.key, claim.revision),
+                study=claim.job_id,
+                settings=self.settings,
+                device=self.device_uid,
+            )
+        except RemoteStageError as exc:
+            if exc.transient or exc.http_status >= 500:
+                state = self._retry(claim, exc.message, transient=exc.transient)
+            else:
+                self.store.failed(claim, exc.message)
+        except DiscgeoError as exc:
+            self.store.failed(claim, exc.message)
+            log.info("job %s failed: %s", claim.job_id, exc.code)
+        except Exception as exc:  # a bug or a resource problem: retried, then dead-lettered
+            log.exception("job %s: internal error", claim.job_id)
+            state = self._retry(claim, f"internal error: {type(exc).__name__}", transient=False)
+        else:
+            forward_it = bool(self.config.forward) and "seg" in processed.files
+            self.store.succeeded(claim, forward=forward_it, warnings=processed.result.warnings)
+            state = "results_ready" if forward_it else "done"
+            log.info(
+                "job %s revision %d: %d discs in %.1f s",
+                claim.job_id,
+                claim.revision,
+                len(processed.result.discs),
+                time.perf_counter() - start,
+            )
+        self.on_job_done(state)
+        return state
+
+    def _retry(self, claim: Claim, reason: str, *, transient: bool) -> str:
+        state = self.store.retry_later(
+            claim,
+            reason,
+            transient=transient,
+            retry_s=self.config.retry_s,
+            max_attempts=self.config.max_attempts,
+        )
+        log.warning("job %s: %s -> %s", claim.job_id, reason, state)
+        return state

@@ -1,0 +1,40 @@
+"""Where a DICOM SEG and SR come from: the device, the models, and UIDs that are the same on a retry.
+
+The SEG's and SR's UIDs are derived from the study's StudyInstanceUID, its revision (how many times the
+gateway saw new instances of it) and the versions of every model used. A retry, a crash after
+forwarding or a reprocess with the same models therefore re-sends the same objects, which a PACS stores
+once; new instances or new models give new objects.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from pydicom.uid import generate_uid
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The device observer UID, the model versions, and the seed of every UID written."""
+
+    device_uid: str
+    study_uid: str
+    revision: int = 1
+    model_versions: dict[str, str] = field(default_factory=dict)
+    include_findings: bool = False
+
+    def uid(self, kind: str) -> str:
+        """A UID for ``kind`` (e.g. ``seg instance``), the same for the same study, revision and models."""
+        models = [f"{name}={version}" for name, version in sorted(self.model_versions.items())]
+        return str(generate_uid(entropy_srcs=[self.study_uid, str(self.revision), *models, kind]))
+
+
+def device_uid(configured: str | None = None, *, secret: bytes | None = None) -> str:
+    """The device observer UID of this deployment: ``DISCGEO_DEVICE_UID`` when set, else derived from
+    the deployment secret (the gateway: the same across pods and restarts), else from the host name."""
+    if configured:
+        return configured
+    if secret is not None:
+        return str(generate_uid(entropy_srcs=["discgeo device", secret.hex()]))
+    return str(generate_uid(entropy_srcs=["discgeo device", socket.gethostname()]))
