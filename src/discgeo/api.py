@@ -17,7 +17,7 @@ from discgeo.errors import hashed_uid
 from discgeo.io import read_study
 from discgeo.io.conform import conform_sources
 from discgeo.io.outputs import write_outputs
-from discgeo.io.provenance import Provenance, device_uid
+from discgeo.io.provenance import Provenance, device_uid, input_revision
 from discgeo.pipeline import Stages, analyse_study
 from discgeo.schemas import StudyResult
 from discgeo.volume import Volume
@@ -41,7 +41,6 @@ def process_study(
     stages: Stages,
     out: str | Path | None = None,
     study: str | None = None,
-    revision: int = 1,
     settings: Settings | None = None,
     device: str | None = None,
 ) -> ProcessedStudy:
@@ -50,7 +49,8 @@ def process_study(
     ``study`` names the study in the result (default: the hashed StudyInstanceUID, or the hashed path).
     For DICOM input the copied patient and study attributes are made conformant first (the changes are
     listed in ``result.warnings``), and the SEG and SR carry ``device`` (default: the settings' device
-    UID) and UIDs derived from the study, ``revision`` and the model versions.
+    UID) and UIDs derived from the study, the analysed instances and the model versions
+    (:mod:`discgeo.io.provenance`).
     """
     settings = settings or Settings.from_env()
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def process_study(
             provenance = Provenance(
                 device_uid=device or device_uid(settings.device_uid),
                 study_uid=str(sources[0].StudyInstanceUID),
-                revision=revision,
+                revision=input_revision([str(ds.SOPInstanceUID) for ds in sources]),
                 model_versions=dict(result.model_versions),
                 include_findings=settings.forward_findings,
             )

@@ -70,10 +70,13 @@ def _conform_value(keyword: str, vr: str, raw: str) -> tuple[str | None, str]:
         fixed = _time(raw)
         return (fixed, "normalised") if fixed else (None, "dropped (not a time)")
     limit = MAX_LENGTH.get(vr)
-    if vr == "PN":
+    if vr == "PN":  # keep every component, shorten the longest ones (alphabetic group only)
         components = raw.split("=")[0].split("^")
-        fixed = "^".join(c[:limit] for c in components)[:limit] if limit else raw
-        return fixed, f"cut to {limit} characters"
+        while len("^".join(components)) > 64:
+            longest = max(range(len(components)), key=lambda i: len(components[i]))
+            excess = len("^".join(components)) - 64
+            components[longest] = components[longest][: max(1, len(components[longest]) - excess)]
+        return "^".join(components), "cut to 64 characters"
     if limit:
         return raw[:limit].strip(), f"cut to {limit} characters"
     return raw, "kept"

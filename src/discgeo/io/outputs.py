@@ -7,6 +7,7 @@ its SNOMED CT body structure, and each disc's measurement group references its s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,6 +257,8 @@ def write_outputs(
             raise ValueError("DICOM outputs need their provenance")
         discs = [(d.label, d.level) for d in result.discs]
         files["seg"] = out / "seg.dcm"
-        seg = write_seg(labels, source_images, files["seg"], discs=discs, provenance=provenance)
-        files["sr"] = write_sr(result, seg, source_images, out / "sr.dcm", provenance=provenance)
+        with warnings.catch_warnings():  # highdicom's and pydicom's warnings quote header values
+            warnings.simplefilter("ignore", UserWarning)
+            seg = write_seg(labels, source_images, files["seg"], discs=discs, provenance=provenance)
+            files["sr"] = write_sr(result, seg, source_images, out / "sr.dcm", provenance=provenance)
     return files
