@@ -54,4 +54,4 @@ def test_orthanc_routes_study_and_receives_seg_and_sr(tmp_path_factory, threshol
         assert len(studies) == 1  # results went into the same study
         series = httpx.get(f"{url}/studies/{studies[0]}/series", timeout=10).json()
         seg = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")
-        assert seg["MainDicomTags"]["SeriesDescription"] == "discgeo intervertebral discs"
+        assert seg["MainDicomTags"]["SeriesDescription"] == "discgeo discs: research use, not for diagnosis"

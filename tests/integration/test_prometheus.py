@@ -41,6 +41,7 @@ def test_prometheus_sees_discgeo_metrics(tmp_path_factory, threshold_segmenter_a
         "DISCGEO_GATEWAY_DATA": str(root / "gateway-data"),
         "DISCGEO_GATEWAY_DICOM_PORT": str(dicom_port),
         "DISCGEO_GATEWAY_IDLE_S": "1",
+        "DISCGEO_GATEWAY_ALLOWED_AES": "STORESCU",
     }
     env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
     case = make_case(45, 0, spacing=(3.5, 0.9, 0.9), full_coverage=True)

@@ -7,13 +7,14 @@
   POST /jobs/{job_id}/reprocess           process a finished study again (same UIDs with the same models)
 
 Authentication is the service's bearer-token middleware (:mod:`discgeo.auth`). Path parameters are
-validated against fixed patterns (no traversal); the STOW-RS body is capped (Content-Length and the
-bytes actually streamed) and written part by part to disk in a worker thread, never held in memory
+validated against fixed patterns (no traversal); the STOW-RS body is capped (the declared
+Content-Length, and the bytes actually streamed for chunked bodies) and written part by part to disk in a worker thread, never held in memory
 and never parsed on the event loop.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from discgeo.errors import DiscgeoError
 from discgeo.gateway.ingest import PartWriter, boundary_of, stow_store
 from discgeo.gateway.worker import Gateway
 
+log = logging.getLogger("discgeo.gateway")
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16}$")
 RESULT_FILES = {
     "results.json": "application/json",
@@ -76,7 +78,8 @@ def create_app(gateway: Callable[[], Gateway]) -> Starlette:
         except DiscgeoError as exc:
             await run_in_threadpool(writer.discard)
             return _error(exc.http_status, exc.message)
-        except Exception:
+        except Exception as exc:
+            log.info("STOW-RS body refused: %s", type(exc).__name__)
             await run_in_threadpool(writer.discard)
             return _error(400, "the multipart body could not be parsed")
         return JSONResponse(answer, status_code=status, media_type="application/dicom+json")
