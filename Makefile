@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-geometry real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -82,6 +82,10 @@ bench: setup
 # the same with one study per path; no scaling, peak-memory child or segmenter torch run (< 3 min)
 bench-quick: setup
 	$(PY) -m bench.pipeline --quick
+
+# The gateway under load: K = 1, 2, 4 workers, ten concurrent studies, a 300 MB STOW-RS body.
+bench-gateway: setup
+	$(PY) -m bench.gateway
 
 bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
@@ -40,6 +41,12 @@ def policy_problems(objects: list[dict[str, Any]], *, gpu: bool) -> list[str]:
     """Policy violations of the Deployments, as readable lines."""
     problems = []
     for obj in objects:
+        if obj.get("kind") == "NetworkPolicy":
+            for rule in obj["spec"].get("ingress", []):
+                for peer in rule.get("from", []):
+                    cidr = peer.get("ipBlock", {}).get("cidr")
+                    if cidr and ipaddress.ip_network(cidr, strict=False).num_addresses > 256:
+                        problems.append(f"{obj['metadata']['name']}: ipBlock {cidr} admits a whole network")
         if obj.get("kind") != "Deployment":
             continue
         name = obj["metadata"]["name"]
@@ -62,6 +69,16 @@ def policy_problems(objects: list[dict[str, Any]], *, gpu: bool) -> list[str]:
                 problems.append(f"{where}: root filesystem is writable")
             if security.get("allowPrivilegeEscalation", True):
                 problems.append(f"{where}: privilege escalation allowed")
+            env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+            token = env.get("DISCGEO_STAGE_TOKEN_FILE", "")
+            secrets = {
+                m["mountPath"]
+                for m in container.get("volumeMounts", [])
+                for v in pod.get("volumes", [])
+                if v["name"] == m["name"] and "secret" in v
+            }
+            if not token or not any(token.startswith(path + "/") for path in secrets):
+                problems.append(f"{where}: no stage token from a Secret (DISCGEO_STAGE_TOKEN_FILE)")
             image = container.get("image", "")
             if ":" not in image or image.endswith(":latest"):
                 problems.append(f"{where}: image {image!r} is not pinned")

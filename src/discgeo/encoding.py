@@ -161,10 +161,51 @@ def pack_crops(crops: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _check_npz_headers(data: bytes, *, size: int, limit: int) -> None:
+    """Refuse an .npz before anything is inflated: only ``packed`` and ``count``, uncompressed sizes
+    within ``limit`` crops, and .npy headers whose dtype and shape fit (a header may declare any
+    shape: it is read alone, without its data)."""
+    most = limit * size * size * (size // 8) + 4096
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {m.filename: m for m in archive.infolist()}
+            if set(members) != {"packed.npy", "count.npy"}:
+                raise UnsupportedFormatError(
+                    f"crops .npz must hold exactly 'packed' and 'count', got {sorted(members)[:5]}"
+                )
+            for name, member in members.items():
+                if member.file_size > (most if name == "packed.npy" else 4096):
+                    raise TooLargeError(
+                        f"{name} inflates to {member.file_size} bytes; the limit is {limit} crops"
+                    )
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = reader(handle)
+                if dtype.hasobject:
+                    raise UnsupportedFormatError(f"{name} holds Python objects (pickle): refused")
+                if name == "packed.npy" and (
+                    len(shape) != 4 or shape[1:] != (size, size, size // 8) or shape[0] > limit
+                ):
+                    raise InvalidDataError(
+                        f"packed crops must be uint8 [N <= {limit}, {size}, {size}, {size // 8}], "
+                        f"got {list(shape)}"
+                    )
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise UnsupportedFormatError(
+            f"crops must be an .npz with 'packed' bits and 'count' ({exc})"
+        ) from None
+
+
 def unpack_crops(data: bytes, *, size: int, limit: int = MAX_CROPS_PER_REQUEST) -> np.ndarray:
     """Inverse of :func:`pack_crops`, with validation (a clear error for anything else)."""
     if not data.startswith(b"PK"):
         raise UnsupportedFormatError("crops must be an .npz archive (see discgeo.encoding.pack_crops)")
+    _check_npz_headers(data, size=size, limit=limit)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             packed, count = npz["packed"], int(npz["count"])

@@ -32,18 +32,17 @@ UP_PORTS = {"segmenter": 3001, "encoder": 3002, "geometry": 3003, "classifier": 
 
 
 def stack_tokens(folder: Path) -> dict[str, str]:
-    """The token files of a local stack: those the environment names, else new ones in ``folder``
-    (the stage services accept the stage token, which the gateway sends; clients use the gateway's)."""
+    """The token files of a local stack: those the environment names, else new ones in ``folder``,
+    which are then named in this process's environment too (for :func:`client_headers`). The stage
+    services accept the stage token, which the gateway sends; clients use the gateway's."""
     from discgeo.auth import new_token_file
 
     env = {}
-    for variable, name in (
-        ("DISCGEO_STAGE_TOKEN_FILE", "stage.token"),
-        ("DISCGEO_GATEWAY_TOKENS_FILE", "gateway.token"),
-    ):
-        env[variable] = os.environ.get(variable) or str(
-            folder / name if (folder / name).exists() else new_token_file(folder / name)
-        )
+    names = (("DISCGEO_STAGE_TOKEN_FILE", "stage.token"), ("DISCGEO_GATEWAY_TOKENS_FILE", "gateway.token"))
+    for variable, name in names:
+        path = folder / name
+        env[variable] = os.environ.get(variable) or str(path if path.exists() else new_token_file(path))
+        os.environ[variable] = env[variable]
     return env
 
 

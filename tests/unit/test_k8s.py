@@ -43,7 +43,12 @@ def test_validator_catches_mistakes():
     del container["livenessProbe"]
     container["securityContext"]["readOnlyRootFilesystem"] = False
     container["image"] = "discgeo/x:latest"
-    problems = policy_problems([deployment], gpu=True)
+    container["env"] = [e for e in container["env"] if e["name"] != "DISCGEO_STAGE_TOKEN_FILE"]
+    policy = copy.deepcopy(next(o for o in objects if o["metadata"]["name"] == "discgeo-gateway-from-pacs"))
+    policy["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "10.0.0.0/8"}})
+    problems = policy_problems([deployment, policy], gpu=True)
+    assert any("no stage token from a Secret" in p for p in problems)
+    assert any("10.0.0.0/8 admits a whole network" in p for p in problems)
     assert any("no livenessProbe" in p for p in problems)
     assert any("root filesystem is writable" in p for p in problems)
     assert any("not pinned" in p for p in problems)

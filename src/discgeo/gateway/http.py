@@ -8,8 +8,8 @@
 
 Authentication is the service's bearer-token middleware (:mod:`discgeo.auth`). Path parameters are
 validated against fixed patterns (no traversal); the STOW-RS body is capped (the declared
-Content-Length, and the bytes actually streamed for chunked bodies) and written part by part to disk in a worker thread, never held in memory
-and never parsed on the event loop.
+Content-Length, and the bytes actually streamed for chunked bodies) and written part by part to disk
+in a worker thread: never held in memory, never parsed on the event loop.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ from discgeo.errors import (
     NotDicomError,
     NotFoundError,
     SeriesSelectionError,
+    TooLargeError,
+    UnsupportedFormatError,
     hashed_uid,
 )
 from discgeo.volume import LPS_TO_RAS, Volume, check_size
@@ -62,6 +64,29 @@ class _File:
             raise CorruptFileError(f"{self.name} is truncated or damaged: {type(exc).__name__}") from None
 
 
+MAX_ZIP_MEMBERS = 20_000
+MAX_ZIP_BYTES = 2 * 1024**3
+MAX_ZIP_RATIO = 200  # uncompressed / compressed size of one member: beyond it, a zip bomb
+
+
+def _check_zip_members(name: str, members: list[zipfile.ZipInfo]) -> None:
+    """Refuse a zip before anything is inflated: too many members, traversal or absolute names, more
+    than MAX_ZIP_BYTES uncompressed, or a member inflating more than MAX_ZIP_RATIO times."""
+    if len(members) > MAX_ZIP_MEMBERS:
+        raise TooLargeError(f"zip archive {name} holds {len(members)} files; the limit is {MAX_ZIP_MEMBERS}")
+    for member in members:
+        parts = member.filename.replace("\\", "/").split("/")
+        if member.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise UnsupportedFormatError(f"zip archive {name} holds a member with an unsafe path")
+        if member.file_size > MAX_ZIP_RATIO * max(member.compress_size, 1) and member.file_size > 1_000_000:
+            raise TooLargeError(
+                f"zip archive {name}: a member inflates {member.file_size // max(member.compress_size, 1)}x"
+            )
+    total = sum(m.file_size for m in members)
+    if total > MAX_ZIP_BYTES:
+        raise TooLargeError(f"zip archive {name} inflates to {total} bytes; the limit is {MAX_ZIP_BYTES}")
+
+
 def _gather(source: Source) -> tuple[list[_File], bool]:
     """Files of a folder (recursive), a zip archive, one file or a list; flag = single explicit file."""
     if isinstance(source, str | Path):
@@ -78,6 +103,7 @@ def _gather(source: Source) -> tuple[list[_File], bool]:
                 members = [m for m in archive.infolist() if not m.is_dir()]
                 if not members:
                     raise EmptyInputError(f"zip archive {path.name} is empty")
+                _check_zip_members(path.name, members)
                 return [_File(m.filename, data=archive.read(m)) for m in members], False
         return [_File(path.name, path=path)], True
     paths = [Path(p) for p in source]
