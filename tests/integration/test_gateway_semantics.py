@@ -175,6 +175,7 @@ def test_stage_outage_is_retried_then_dead_lettered_with_its_reason(tmp_path):
         job = _wait(gateway, files, ("dead",), timeout=30)
         assert "segmenter service unreachable" in job["error"] and "for " in job["error"]
         assert gateway.ready()
+    assert not gateway.ready()  # workers and scheduler stopped: the readiness probe fails
 
 
 @pytest.mark.skipif(
