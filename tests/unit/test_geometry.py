@@ -183,12 +183,20 @@ def test_measure_from_dicom_seg_matches_nifti(tmp_path):
     import pydicom
 
     from discgeo.io.dicom import write_dicom_series
+    from discgeo.io.provenance import Provenance
     from discgeo.io.seg import write_seg
 
     c = make_case(8, 1, spacing=(3.3, 0.8, 0.8), rotation_deg=(8.0, 0.0, 0.0))
     files = write_dicom_series(c.image, tmp_path / "dicom")
     discs = [(d["label"], d["level"]) for d in c.truth["discs"]]
-    write_seg(c.labels, [pydicom.dcmread(f) for f in files], tmp_path / "seg.dcm", discs=discs)
+    provenance = Provenance(device_uid="1.2.3", study_uid=str(pydicom.dcmread(files[0]).StudyInstanceUID))
+    write_seg(
+        c.labels,
+        [pydicom.dcmread(f) for f in files],
+        tmp_path / "seg.dcm",
+        discs=discs,
+        provenance=provenance,
+    )
     from_seg = measure_discs(read_labels(tmp_path / "seg.dcm"))
     direct = measure_discs(c.labels)
     assert [d.level for d in from_seg.discs] == [d.level for d in direct.discs]
