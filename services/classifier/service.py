@@ -38,9 +38,12 @@ class Classifier:
             self.model.check_encoder(body.encoder_version)
             if (body.discs is None) == (body.rows is None):
                 raise InvalidDataError("give exactly one of 'discs' (features by name) or 'rows'")
+            width = len(self.model.features)
+            if body.rows is not None and any(len(row) != width for row in body.rows):
+                raise InvalidDataError(
+                    f"every row of 'rows' must hold {width} numbers ({', '.join(self.model.features)})"
+                )
             data = body.discs if body.discs is not None else np.asarray(body.rows, dtype=np.float64)
-            if isinstance(data, np.ndarray) and data.ndim != 2:
-                raise InvalidDataError(f"'rows' must be a list of rows of {len(self.model.features)} numbers")
             probabilities, labels = self.model.predict(data)
             DISCS.labels(stage=STAGE).inc(len(labels))
             return NarrowingPrediction(

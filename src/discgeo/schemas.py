@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 SCHEMA_VERSION = "1"
 
 Vector3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+# a number in JSON, not a string or a boolean that pydantic would otherwise convert
+Number = Annotated[float, Strict()]
 
 
 class _Model(BaseModel):
@@ -64,8 +66,8 @@ class GeometryResult(_Model):
 class NarrowingRequest(_Model):
     """Features of one or more discs: by name (``discs``) or as rows in the model's order (``rows``)."""
 
-    discs: list[dict[str, float]] | None = None
-    rows: list[list[float]] | None = None
+    discs: list[dict[str, Number]] | None = Field(default=None, min_length=1, max_length=1000)
+    rows: list[list[Number]] | None = Field(default=None, min_length=1, max_length=1000)
     encoder_version: str | None = Field(
         default=None,
         description="version of the autoencoder that produced the latent features; a classifier "

@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from discgeo import levels
 from discgeo.config import Settings
+from discgeo.errors import InvalidDataError
 from discgeo.runtime import open_session
 from discgeo.volume import Volume
 
@@ -220,6 +221,25 @@ def _split(component: np.ndarray) -> np.ndarray | None:
     return None
 
 
+MIN_EXTENT_MM = 40.0  # anterior-posterior and superior-inferior field of view: less holds no lumbar disc
+
+
+def check_image(volume: Volume) -> None:
+    """Refuse what no segmentation can come from: complex voxels, a constant image, a field of view
+    smaller than a lumbar disc and its neighbours (RAS+ volume)."""
+    array = np.asarray(volume.array)
+    if np.iscomplexobj(array) or array.dtype.kind not in "iuf":
+        raise InvalidDataError(f"image voxels must be real numbers, got {array.dtype}")
+    extent = [n * s for n, s in zip(volume.shape, volume.spacing, strict=True)]
+    if min(extent[1], extent[2]) < MIN_EXTENT_MM:
+        raise InvalidDataError(
+            f"the image covers {extent[1]:.0f} x {extent[2]:.0f} mm (anterior-posterior x "
+            f"superior-inferior); a lumbar spine needs at least {MIN_EXTENT_MM:.0f} mm in both"
+        )
+    if array.size and float(array.max()) == float(array.min()):
+        raise InvalidDataError("the image is constant: there is nothing to segment")
+
+
 class Segmenter:
     """A disc segmentation model from an artifact folder (metadata.json + ONNX)."""
 
@@ -306,6 +326,7 @@ class Segmenter:
     def predict(self, volume: Volume, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3) -> Volume:
         """Label map of the discs (SPIDER labels 201+, lowest = L5-S1) on the grid of ``volume``."""
         canonical = volume.canonical()
+        check_image(canonical)
         probability = self.disc_probability(canonical)
         return self.label_discs(canonical, probability, min_fragment_mm3=min_fragment_mm3)
 

@@ -57,6 +57,23 @@ MODEL_INFO = bentoml.metrics.Gauge(
 )
 
 
+class _ClientErrorTracebacks(logging.Filter):
+    """BentoML logs every exception an API raises as an ERROR with its traceback. A refused input
+    (4xx) is the client's fault and already logged by :func:`stage_request` at INFO: drop the
+    traceback; server errors keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ValidationError):
+            return False
+        return not (isinstance(exc, BentoMLException) and int(exc.error_code) < 500)
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
+
+
 def protect(service: Any, audience: str = "stage") -> Any:
     """Require a bearer token on every endpoint of ``service`` but the probes and metrics."""
     service.add_asgi_middleware(BearerAuth, audience=audience)

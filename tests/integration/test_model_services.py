@@ -161,17 +161,24 @@ def test_classifier_over_http(classifier_url):
     ("body", "message"),
     [
         ({"discs": [{"latent_0": 1.0}]}, "missing feature"),
-        ({"rows": [[1.0, 2.0]]}, "expected features"),
+        ({"rows": [[1.0, 2.0]]}, "every row of 'rows' must hold"),
         ("nan", "NaN"),
         ({}, "exactly one of"),
+        ({"discs": []}, "at least 1 item"),
+        ({"rows": []}, "at least 1 item"),
+        ("ragged", "every row of 'rows' must hold"),
+        ({"discs": [{"latent_0": "1.5"}]}, "valid number"),
+        ({"rows": [[True]]}, "valid number"),
     ],
 )
 def test_classifier_rejects_bad_features(classifier_url, body, message):
     import json
 
+    width = len(NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier")).features)
     if body == "nan":  # a row of the artifact's own width, all NaN
-        width = len(NarrowingClassifier.from_artifact(Settings.from_env().artifact("classifier")).features)
         body = {"rows": [[float("nan")] * width]}
+    if body == "ragged":  # rows of different lengths
+        body = {"rows": [[0.5] * width, [0.5] * (width - 1)]}
 
     response = httpx.post(
         classifier_url + "/predict",

@@ -21,13 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def segmenter_url(tmp_path_factory, threshold_segmenter_artifact):
+def segmenter_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("bentoml-segmenter")
+
+
+@pytest.fixture(scope="module")
+def segmenter_url(segmenter_home, threshold_segmenter_artifact):
     env = {"DISCGEO_SEGMENTER_ARTIFACT": str(threshold_segmenter_artifact)}
     with bentoml_service(
-        "service.py:Segmenter",
-        ROOT / "services" / "segmenter",
-        tmp_path_factory.mktemp("bentoml-segmenter"),
-        env=env,
+        "service.py:Segmenter", ROOT / "services" / "segmenter", segmenter_home, env=env
     ) as url:
         yield url
 
@@ -86,3 +88,23 @@ def test_bad_volume_is_rejected(segmenter_url):
         archive.writestr("readme.txt", "no images here")
     response = _post(segmenter_url, empty_zip.getvalue(), "x.zip")
     assert response.status_code == 415 and "DICOM" in response.text
+
+
+@pytest.mark.parametrize(
+    ("array", "spacing", "message"),
+    [
+        (np.full((8, 80, 80), 100.0, np.float32), 1.0, "constant"),
+        (np.ones((1, 1, 1), np.float32), 1.0, "covers 1 x 1 mm"),
+        ((np.random.default_rng(0).random((8, 80, 80)) * (1 + 1j)).astype(np.complex64), 1.0, "real numbers"),
+    ],
+)
+def test_degenerate_volumes_are_refused_quietly(segmenter_url, segmenter_home, array, spacing, message):
+    import nibabel as nib
+
+    buffer = io.BytesIO()
+    image = nib.Nifti1Image(array, np.diag([spacing, spacing, spacing, 1.0]))
+    buffer.write(image.to_bytes())
+    response = _post(segmenter_url, buffer.getvalue(), "x.nii")
+    assert response.status_code == 400 and message in response.text, response.text
+    # a refused input is logged at INFO, not as an ERROR with a traceback
+    assert "Traceback" not in (segmenter_home / "serve.log").read_text()

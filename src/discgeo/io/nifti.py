@@ -44,6 +44,8 @@ def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bo
         data = np.asanyarray(image.dataobj).reshape(shape)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise CorruptFileError(f"{path.name} is truncated or damaged: {type(exc).__name__}") from None
+    if data.dtype.kind not in "iuf":
+        raise InvalidDataError(f"{path.name}: voxels must be real numbers, got {data.dtype}")
     check_finite(data, what=path.name)
     affine = image.affine
     if labels:
