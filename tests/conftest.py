@@ -76,6 +76,15 @@ def threshold_segmenter_artifact(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def threshold_stages(threshold_segmenter_artifact):
+    """In-process stages with the exact threshold segmenter and the shipped encoder and classifier."""
+    from discgeo.pipeline import LocalStages
+    from discgeo.segmentation import Segmenter
+
+    return LocalStages(segmenter=Segmenter.from_artifact(threshold_segmenter_artifact))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def service_tokens(tmp_path_factory) -> dict[str, str]:
     """Token files for every service the tests start (they inherit this process's environment)."""

@@ -21,16 +21,16 @@ from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import free_port, orthanc
 from discgeo.phantom import make_case
 from discgeo.pipeline import LocalStages, RemoteStages, ServiceURLs
-from discgeo.segmentation import Segmenter
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def stages_factory(threshold_segmenter_artifact):
-    segmenter = Segmenter.from_artifact(threshold_segmenter_artifact)
-    shared = LocalStages(segmenter=segmenter)
-    return lambda: LocalStages(segmenter=segmenter, encoder=shared.encoder, classifier=shared.classifier)
+def stages_factory(threshold_stages):
+    shared = threshold_stages
+    return lambda: LocalStages(
+        segmenter=shared.segmenter, encoder=shared.encoder, classifier=shared.classifier
+    )
 
 
 @contextlib.contextmanager

@@ -12,27 +12,13 @@ import pydicom
 import pytest
 
 from discgeo.api import process_study
-from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
-from discgeo.encoding import Encoder
 from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.io.outputs import NARROWING, NARROWING_PROBABILITY, QUALITY_FLAGS, RESEARCH_USE, SR_MEASUREMENTS
 from discgeo.io.provenance import Provenance
 from discgeo.levels import level_from_name
 from discgeo.phantom import make_case
-from discgeo.pipeline import LocalStages
 from discgeo.schemas import StudyResult
-from discgeo.segmentation import Segmenter
-
-
-@pytest.fixture(scope="module")
-def stages(threshold_segmenter_artifact) -> LocalStages:
-    settings = Settings.from_env()
-    return LocalStages(
-        segmenter=Segmenter.from_artifact(threshold_segmenter_artifact),
-        encoder=Encoder.from_artifact(settings.artifact("autoencoder")),
-        classifier=NarrowingClassifier.from_artifact(settings.artifact("classifier")),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +43,9 @@ def _segment_reference(group) -> tuple[str, int]:
     raise AssertionError("no referenced segment")
 
 
-def test_sr_read_back_matches_results_and_seg(stages, study, tmp_path):
+def test_sr_read_back_matches_results_and_seg(threshold_stages, study, tmp_path):
     settings = dataclasses.replace(Settings.from_env(), forward_findings=True, device_uid="1.2.3.4.5")
-    processed = process_study(study, stages=stages, out=tmp_path, settings=settings)
+    processed = process_study(study, stages=threshold_stages, out=tmp_path, settings=settings)
     result = StudyResult.model_validate_json(processed.files["results"].read_text())
     seg = pydicom.dcmread(processed.files["seg"])
     sr = hd.sr.srread(processed.files["sr"])
@@ -103,10 +89,14 @@ def test_sr_read_back_matches_results_and_seg(stages, study, tmp_path):
     assert versions["classifier"] in text and f"autoencoder {versions['encoder']}" in text
 
 
-def test_findings_only_when_asked_and_uids_are_deterministic(stages, study, tmp_path):
+def test_findings_only_when_asked_and_uids_are_deterministic(threshold_stages, study, tmp_path):
     settings = dataclasses.replace(Settings.from_env(), forward_findings=False)
-    first = process_study(study, stages=stages, out=tmp_path / "a", settings=settings, device="1.2.3")
-    again = process_study(study, stages=stages, out=tmp_path / "b", settings=settings, device="1.2.3")
+    first = process_study(
+        study, stages=threshold_stages, out=tmp_path / "a", settings=settings, device="1.2.3"
+    )
+    again = process_study(
+        study, stages=threshold_stages, out=tmp_path / "b", settings=settings, device="1.2.3"
+    )
     text = str(pydicom.dcmread(first.files["sr"]))
     assert (
         "Disc mean height" in text and "Disc space narrowing" not in text and "narrowing" not in text.lower()
@@ -120,13 +110,15 @@ def test_findings_only_when_asked_and_uids_are_deterministic(stages, study, tmp_
     assert same.uid("sr instance") != dataclasses.replace(same, model_versions={"segmenter": "b"}).uid(
         "sr instance"
     )
-    fewer = process_study(study[1:-1], stages=stages, out=tmp_path / "c", settings=settings, device="1.2.3")
+    fewer = process_study(
+        study[1:-1], stages=threshold_stages, out=tmp_path / "c", settings=settings, device="1.2.3"
+    )
     assert (
         pydicom.dcmread(fewer.files["sr"]).SOPInstanceUID != pydicom.dcmread(first.files["sr"]).SOPInstanceUID
     )
 
 
-def test_non_conformant_copied_attributes_never_fail_a_study(stages, study, tmp_path, recwarn):
+def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, study, tmp_path, recwarn):
     odd = []
     for path in study:
         ds = pydicom.dcmread(path)
@@ -139,7 +131,9 @@ def test_non_conformant_copied_attributes_never_fail_a_study(stages, study, tmp_
         target.parent.mkdir(exist_ok=True)
         ds.save_as(target)
         odd.append(target)
-    processed = process_study(odd, stages=stages, out=tmp_path / "out", settings=Settings.from_env())
+    processed = process_study(
+        odd, stages=threshold_stages, out=tmp_path / "out", settings=Settings.from_env()
+    )
     warnings = processed.result.warnings
     assert any(w.startswith("PatientBirthDate") and "normalised" in w for w in warnings)
     assert any(w.startswith("PatientSex") for w in warnings) and any(

@@ -27,16 +27,6 @@ from discgeo.segmentation import Segmenter
 
 
 @pytest.fixture(scope="module")
-def stages(threshold_segmenter_artifact) -> LocalStages:
-    settings = Settings.from_env()
-    return LocalStages(
-        segmenter=Segmenter.from_artifact(threshold_segmenter_artifact),
-        encoder=Encoder.from_artifact(settings.artifact("autoencoder")),
-        classifier=NarrowingClassifier.from_artifact(settings.artifact("classifier")),
-    )
-
-
-@pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A phantom whose image shows the discs bright on a dark background, written as DICOM."""
     case = make_case(15, 2, spacing=(3.5, 0.9, 0.9), full_coverage=True)
@@ -46,9 +36,9 @@ def study(tmp_path_factory):
     return case, folder
 
 
-def test_embedded_study_results_match_truth(stages, study, tmp_path):
+def test_embedded_study_results_match_truth(threshold_stages, study, tmp_path):
     case, folder = study
-    processed = process_study(folder, stages=stages, out=tmp_path, study="test")
+    processed = process_study(folder, stages=threshold_stages, out=tmp_path, study="test")
     result, labels, files = processed.result, processed.labels, processed.files
     sources = read_dicom_study(folder)[1]
     truth = {d["level"]: d for d in case.truth["discs"]}
@@ -82,16 +72,18 @@ def test_embedded_study_results_match_truth(stages, study, tmp_path):
     shutil.which("dciodvfy") is None and os.environ.get("CI") != "true",
     reason="dciodvfy (Debian dicom3tools) not installed; `make system-deps` installs it",
 )
-def test_dciodvfy_reports_no_errors_on_seg_and_sr(stages, study, tmp_path):
+def test_dciodvfy_reports_no_errors_on_seg_and_sr(threshold_stages, study, tmp_path):
     _, folder = study
-    files = process_study(folder, stages=stages, out=tmp_path).files
+    files = process_study(folder, stages=threshold_stages, out=tmp_path).files
     for name in ("seg", "sr"):
         report = subprocess.run(["dciodvfy", str(files[name])], capture_output=True, text=True, check=False)
         errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
         assert not errors, f"{name}: {errors[:5]}"
 
 
-def test_run_cli_on_a_nifti_batch(stages, tmp_path, capsys, monkeypatch, threshold_segmenter_artifact):
+def test_run_cli_on_a_nifti_batch(
+    threshold_stages, tmp_path, capsys, monkeypatch, threshold_segmenter_artifact
+):
     from discgeo.io import write_nifti
 
     monkeypatch.setenv("DISCGEO_SEGMENTER_ARTIFACT", str(threshold_segmenter_artifact))
