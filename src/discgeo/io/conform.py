@@ -59,7 +59,7 @@ def _time(value: str) -> str | None:
 
 
 def _conform_value(keyword: str, vr: str, raw: str) -> tuple[str | None, str]:
-    """(conformant value or None to drop, what was done)."""
+    """(conformant value or None to drop, what was done); a conformant ``raw`` comes back as it is."""
     if keyword == "PatientSex":
         fixed = SEX.get(raw.strip().upper())
         return (fixed, "normalised") if fixed else (None, "dropped (not M, F or O)")
@@ -71,28 +71,17 @@ def _conform_value(keyword: str, vr: str, raw: str) -> tuple[str | None, str]:
         return (fixed, "normalised") if fixed else (None, "dropped (not a time)")
     limit = MAX_LENGTH.get(vr)
     if vr == "PN":  # keep every component, shorten the longest ones (alphabetic group only)
+        if all(len(group) <= 64 for group in raw.split("=")):
+            return raw, "kept"
         components = raw.split("=")[0].split("^")
         while len("^".join(components)) > 64:
             longest = max(range(len(components)), key=lambda i: len(components[i]))
             excess = len("^".join(components)) - 64
             components[longest] = components[longest][: max(1, len(components[longest]) - excess)]
         return "^".join(components), "cut to 64 characters"
-    if limit:
+    if limit and len(raw) > limit:
         return raw[:limit].strip(), f"cut to {limit} characters"
     return raw, "kept"
-
-
-def _is_conformant(keyword: str, vr: str, raw: str) -> bool:
-    if keyword == "PatientSex":
-        return raw in ("M", "F", "O")
-    if vr == "DA":
-        return _date(raw) == raw
-    if vr == "TM":
-        return _time(raw) == raw
-    if vr == "PN":
-        return all(len(group) <= 64 for group in raw.split("="))
-    limit = MAX_LENGTH.get(vr)
-    return limit is None or len(raw) <= limit
 
 
 def _charset_known(ds: Dataset) -> bool:
@@ -121,9 +110,9 @@ def conform_sources(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str
                     continue
                 vr = ds[keyword].VR
                 raw = str(ds[keyword].value or "")
-                if not raw or _is_conformant(keyword, vr, raw):
-                    continue
                 value, what = _conform_value(keyword, vr, raw)
+                if not raw or value == raw:
+                    continue
                 if value:
                     setattr(fixed, keyword, value)
                 else:
