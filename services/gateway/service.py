@@ -47,6 +47,8 @@ class Gateway:
         core = GatewayCore(settings, lambda: RemoteStages.from_settings(settings))
 
         def done(state: str) -> None:
+            # the gauge first: a scrape that sees the job counted never sees it still queued
+            QUEUE.set(_core().store.queue_depth())
             JOBS.labels(outcome=state).inc()
             if state in ("done", "results_ready"):
                 STUDIES.inc()

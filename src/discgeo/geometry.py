@@ -109,6 +109,18 @@ def _crop_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     return affine @ shift
 
 
+def _nonzero_box(labels: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the non-zero voxels (None when there are none), from per-axis projections."""
+    box = []
+    for axis in range(labels.ndim):
+        others = tuple(a for a in range(labels.ndim) if a != axis)
+        hit = np.flatnonzero(labels.any(axis=others))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def _centroid_z(mask: np.ndarray, affine: np.ndarray) -> float:
     return float((affine[:3, :3] @ np.argwhere(mask).mean(axis=0) + affine[:3, 3])[2])
 
@@ -124,11 +136,15 @@ def find_discs(
     """
     if labels.min() < 0:
         raise InvalidDataError("a label map must not hold negative values")
+    box = _nonzero_box(labels)
+    if box is None:
+        raise InvalidDataError("the label map is empty: no disc voxels")
+    # everything below works on the labelled region only: a mostly empty map of a large field of view
+    # costs what its discs cost, not a multiple of its declared size
+    labels, affine = labels[box], _crop_affine(affine, box)
     counts = np.bincount(labels.ravel())
     values = np.flatnonzero(counts)
     values = values[values != 0]
-    if values.size == 0:
-        raise InvalidDataError("the label map is empty: no disc voxels")
     voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
     dropped: list[DroppedFragment] = []
     spider = [int(v) for v in values if levels.is_disc_label(int(v))]
