@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry reliability real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -86,6 +86,11 @@ bench-quick: setup
 # The gateway under load: K = 1, 2, 4 workers, ten concurrent studies, a 300 MB STOW-RS body.
 bench-gateway: setup
 	$(PY) -m bench.gateway
+
+# Bad input, load and faults through every entry point of the real stack on loopback, and a PHI audit
+# (~7 min on 2 cores): bench/results/reliability.{json,md}. Also a test of `make test`.
+reliability: setup system-deps
+	$(PY) -m bench.reliability
 
 bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6

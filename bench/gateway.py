@@ -29,31 +29,18 @@ import pydicom
 from discgeo import realdata
 from discgeo.io import read_volume
 from discgeo.io.dicom import SeriesTags, write_dicom_series
-from discgeo.local import SERVICES, bentoml_service, client_headers, free_port, pipeline_services
+from discgeo.local import (
+    SERVICES,
+    bentoml_service,
+    client_headers,
+    free_port,
+    pipeline_services,
+    service_memory_mib,
+)
 from discgeo.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = "case-20"
-
-
-def gateway_rss_mib() -> tuple[float, float]:
-    """(current, peak) resident memory of the gateway's processes (those running in services/gateway)."""
-    now = peak = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.readlink(entry / "cwd") != str(SERVICES / "gateway"):
-                continue
-            status = (entry / "status").read_text().splitlines()
-        except OSError:
-            continue
-        fields = {
-            line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))
-        }
-        now += fields.get("VmRSS", 0)
-        peak += fields.get("VmHWM", 0)
-    return round(now / 1024, 1), round(peak / 1024, 1)
 
 
 def studies(folder: Path, count: int, prefix: str) -> list[list[Path]]:
@@ -151,7 +138,7 @@ def big_stow(urls: dict[str, str], root: Path, megabytes: int) -> dict[str, Any]
         **{f"DISCGEO_{n.upper()}_URL": u for n, u in urls.items()},
     }
     with bentoml_service("service.py:Gateway", SERVICES / "gateway", root / "gw-big", env=env) as url:
-        before = gateway_rss_mib()
+        before = service_memory_mib("gateway")
         latencies: list[float] = []
         stop = threading.Event()
 
@@ -184,7 +171,7 @@ def big_stow(urls: dict[str, str], root: Path, megabytes: int) -> dict[str, Any]
         elapsed = time.perf_counter() - start
         stop.set()
         prober.join()
-        after = gateway_rss_mib()
+        after = service_memory_mib("gateway")
     stored = len(response.json().get("00081199", {}).get("Value", [])) if response.status_code < 300 else 0
     return {
         "body_mb": round(size / 1e6, 1),
@@ -192,9 +179,9 @@ def big_stow(urls: dict[str, str], root: Path, megabytes: int) -> dict[str, Any]
         "status": response.status_code,
         "stored": stored,
         "seconds": round(elapsed, 1),
-        "rss_before_mib": before[0],
-        "peak_rss_mib": after[1],
-        "growth_mib": round(after[1] - before[0], 1),
+        "rss_before_mib": before["rss_mib"],
+        "peak_rss_mib": after["peak_mib"],
+        "growth_mib": round(after["peak_mib"] - before["rss_mib"], 1),
         "readyz_max_s": round(max(latencies), 3) if latencies else None,
         "readyz_probes": len(latencies),
     }

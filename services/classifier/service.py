@@ -55,4 +55,4 @@ class Classifier:
             )
 
 
-protect(Classifier)
+protect(Classifier, max_body_bytes=1024**2)  # 1000 rows of features fit in ~200 kB

@@ -125,4 +125,4 @@ class Encoder:
             return DiscLatents(**encoded.model_dump(), levels=crops.levels, too_large=crops.too_large)
 
 
-protect(Encoder)
+protect(Encoder, max_body_bytes=256 * 1024**2)  # label maps and crops: far below this

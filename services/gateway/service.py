@@ -71,4 +71,4 @@ class Gateway:
         return {"queue_depth": _core().store.queue_depth(), "jobs": _core().store.counts()}
 
 
-protect(Gateway, audience="gateway")
+protect(Gateway, audience="gateway", max_body_bytes=None)  # STOW-RS bodies are bounded as they stream

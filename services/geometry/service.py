@@ -44,4 +44,4 @@ class Geometry:
             return result
 
 
-protect(Geometry)
+protect(Geometry, max_body_bytes=256 * 1024**2)  # compressed label maps are far smaller

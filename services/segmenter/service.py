@@ -66,4 +66,4 @@ class Segmenter:
             return out
 
 
-protect(Segmenter)
+protect(Segmenter, max_body_bytes=2 * 1024**3)  # a zipped DICOM study

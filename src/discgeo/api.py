@@ -12,8 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
 from discgeo.config import Settings
-from discgeo.errors import hashed_uid
+from discgeo.errors import InvalidDataError, hashed_uid
 from discgeo.io import read_study
 from discgeo.io.conform import conform_sources
 from discgeo.io.outputs import write_outputs
@@ -57,6 +60,7 @@ def process_study(
     volume, sources = read_study(source, settings=settings)
     warnings: list[str] = []
     if sources:
+        _check_identifiers(sources)
         sources, warnings = conform_sources(sources)
     read_s = time.perf_counter() - start
     if study is None:
@@ -80,3 +84,16 @@ def process_study(
             )
         files = write_outputs(out, result, volume, labels, sources, provenance=provenance)
     return ProcessedStudy(result, labels, files, read_s, time.perf_counter() - start)
+
+
+def _check_identifiers(sources: list[Dataset]) -> None:
+    """The SEG and SR reference the analysed instances by these UIDs: without valid ones the results
+    cannot be tied to the images, so the study is refused before any work."""
+    for name in ("StudyInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        values = [ds.get(name) for ds in sources]
+        missing = sum(1 for v in values if not v)
+        if missing:
+            raise InvalidDataError(f"{missing} of {len(sources)} instance(s) have no {name}")
+        invalid = sum(1 for v in values if not UID(str(v)).is_valid)
+        if invalid:
+            raise InvalidDataError(f"{invalid} of {len(sources)} instance(s) have an invalid {name}")

@@ -18,6 +18,9 @@ variable                               meaning (default)
                                        deployment secret for the gateway, from the host name else)
 ``DISCGEO_FORWARD_FINDINGS``           ``1``: the SR carries the narrowing findings; otherwise it
                                        carries the measurements only (results.json always has both)
+``DISCGEO_MAX_BODY_BYTES``             largest request body a stage service accepts (each
+                                       service's own: 2 GiB segmenter, 256 MiB geometry and
+                                       encoder, 1 MiB classifier)
 ``DISCGEO_STAGE_TOKEN_FILE``           file holding the bearer token the stage services accept and
                                        the gateway sends (required by every service)
 ``DISCGEO_<STAGE>_URL``                base URL of a stage service, for the gateway
@@ -157,6 +160,7 @@ class Settings:
                 max_attempts=as_int("GATEWAY_MAX_ATTEMPTS", GatewaySettings.max_attempts),
                 forward=get("GATEWAY_FORWARD"),
                 max_body_bytes=as_int("GATEWAY_MAX_BODY_BYTES", GatewaySettings.max_body_bytes),
+                max_associations=as_int("GATEWAY_MAX_ASSOCIATIONS", GatewaySettings.max_associations),
                 retention_days=as_float("GATEWAY_RETENTION_DAYS", GatewaySettings.retention_days),
                 tokens_file=as_path("GATEWAY_TOKENS_FILE"),
                 secret_file=as_path("GATEWAY_SECRET_FILE"),
@@ -182,6 +186,8 @@ class GatewaySettings:
     ``ae_title`` / ``dicom_host`` / ``dicom_port``: the C-STORE SCP (``DISCGEO`` on 127.0.0.1:11112).
     ``allowed_aes``: calling AE titles that may store (comma-separated; none configured: every
     association is refused). ``allowed_sources``: networks they may connect from (127.0.0.1/32, ::1).
+    ``max_associations``: associations served at once; one more is rejected as transient ("local
+    limit exceeded"), which a PACS retries (64).
     ``idle_s``: a study is complete this long after the last instance once its sender released the
     association or finished the STOW-RS request (10); ``stable_s``: complete this long after the last
     instance when the sender never finished (an aborted or broken association) (120).
@@ -201,6 +207,7 @@ class GatewaySettings:
     dicom_port: int = 11112
     allowed_aes: tuple[str, ...] = ()
     allowed_sources: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    max_associations: int = 64
     idle_s: float = 10.0
     stable_s: float = 120.0
     workers: int = 2

@@ -159,6 +159,11 @@ def find_discs(
         work, count = ndimage.label(labels == values[0], structure=ndimage.generate_binary_structure(3, 1))
         counts = np.bincount(work.ravel())
         candidates = list(range(1, count + 1))
+    if convention != "spider" and len(candidates) > 10 * levels.MAX_DISCS:
+        raise InvalidDataError(
+            f"the label map holds {len(candidates)} separate labels or components, far more than a spine "
+            "has discs: is it an image rather than a label map?"
+        )
     boxes = ndimage.find_objects(work, max_label=max(candidates))
     found = []
     for value in candidates:
@@ -178,6 +183,10 @@ def find_discs(
         discs = [DiscMask(v, levels.level_of_disc_label(v), m, a) for v, m, a in found]
         _check_vertebrae(labels, affine, discs, boxes)
         return discs, dropped, convention
+    if len(found) > levels.MAX_DISCS:
+        raise InvalidDataError(
+            f"{len(found)} disc-sized labels or components, more than the {levels.MAX_DISCS} discs of a spine"
+        )
     found.sort(key=lambda item: _centroid_z(item[1], item[2]))
     discs = [
         DiscMask(

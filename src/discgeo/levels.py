@@ -21,7 +21,6 @@ from pydicom.sr.coding import Code
 DISC_LABEL_BASE = 200
 CANAL_LABEL = 100
 PARTIAL_VERTEBRA_OFFSET = 100
-MAX_VERTEBRAE = 25
 
 _VERTEBRAE_FROM_BOTTOM = (
     "S1",
@@ -54,15 +53,18 @@ def vertebra_label(index_from_bottom: int, *, partial: bool = False) -> int:
     return index_from_bottom + 1 + (PARTIAL_VERTEBRA_OFFSET if partial else 0)
 
 
+MAX_DISCS = len(_VERTEBRAE_FROM_BOTTOM) - 1  # L5-S1 up to C1-C2: 24
+
+
 def is_disc_label(value: int) -> bool:
-    """True for SPIDER disc labels (201-225)."""
-    return DISC_LABEL_BASE < value <= DISC_LABEL_BASE + MAX_VERTEBRAE
+    """True for SPIDER disc labels (201-224: L5-S1 up to C1-C2)."""
+    return DISC_LABEL_BASE < value <= DISC_LABEL_BASE + MAX_DISCS
 
 
 def level_of_disc_label(value: int) -> str:
     """Level name of a SPIDER disc label (201 -> 'L5-S1')."""
     if not is_disc_label(value):
-        raise ValueError(f"{value} is not a SPIDER disc label (201-225)")
+        raise ValueError(f"{value} is not a SPIDER disc label (201-{DISC_LABEL_BASE + MAX_DISCS})")
     return level_name(value - DISC_LABEL_BASE - 1)
 
 

@@ -63,6 +63,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def service_memory_mib(name: str) -> dict[str, Any]:
+    """Resident memory of a local service's processes (those whose working directory is
+    services/NAME, as :func:`bentoml_service` starts them): ``rss_mib`` now, ``peak_mib`` the sum of
+    their peaks (VmHWM) and their ``pids``."""
+    rss = peak = 0
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "cwd") != str(SERVICES / name):
+                continue
+            status = (entry / "status").read_text().splitlines()
+        except OSError:
+            continue
+        fields = {
+            line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))
+        }
+        rss += fields.get("VmRSS", 0)
+        peak += fields.get("VmHWM", 0)
+        pids.append(int(entry.name))
+    return {"rss_mib": round(rss / 1024, 1), "peak_mib": round(peak / 1024, 1), "pids": pids}
+
+
+def reset_peak_memory(name: str) -> None:
+    """Reset the peak resident set (VmHWM) of a local service's processes to their present size."""
+    for pid in service_memory_mib(name)["pids"]:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def _spawn(command: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as handle:

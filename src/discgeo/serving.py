@@ -7,7 +7,9 @@ no per-study labels.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,8 +76,54 @@ class _ClientErrorTracebacks(logging.Filter):
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
 
 
-def protect(service: Any, audience: str = "stage") -> Any:
-    """Require a bearer token on every endpoint of ``service`` but the probes and metrics."""
+class BodyLimit:
+    """Pure ASGI middleware: a request body must declare its length (411 otherwise) and stay within
+    ``limit`` bytes (413), answered before any of it is read. ``DISCGEO_MAX_BODY_BYTES`` overrides
+    the service's own limit."""
+
+    def __init__(self, app: Any, *, limit: int) -> None:
+        self.app = app
+        self.limit = int(os.environ.get("DISCGEO_MAX_BODY_BYTES") or limit)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if not declared.isdigit():
+            status, message = 411, "the request must declare its Content-Length"
+        elif int(declared) > self.limit:
+            status, message = (
+                413,
+                f"the request body is larger than {self.limit} bytes (DISCGEO_MAX_BODY_BYTES)",
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        log.info("refused %s %s: %s", scope.get("method"), scope.get("path"), message)
+        body = json.dumps(
+            {"error": "request_too_large" if status == 413 else "length_required", "message": message}
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def protect(service: Any, audience: str = "stage", *, max_body_bytes: int | None) -> Any:
+    """Require a bearer token on every endpoint of ``service`` but the probes and metrics, and bound
+    the request body to ``max_body_bytes`` (:class:`BodyLimit`; None: the service bounds its bodies
+    itself, as the gateway does while it streams STOW-RS bodies, which may come chunked)."""
+    if max_body_bytes is not None:
+        service.add_asgi_middleware(BodyLimit, limit=max_body_bytes)
     service.add_asgi_middleware(BearerAuth, audience=audience)
     return service
 

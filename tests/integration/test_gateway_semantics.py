@@ -207,3 +207,47 @@ def test_results_reach_the_pacs_exactly_once_through_an_outage(tmp_path, stages_
             modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
             assert modalities == ["SEG", "SR"]  # one SEG and one SR although sent twice
             assert all(len(s["Instances"]) == 1 for s in series)
+
+
+@contextlib.contextmanager
+def disk_full(limit_bytes: int) -> Iterator[None]:
+    """No file of this process may grow past ``limit_bytes`` (RLIMIT_FSIZE; Python ignores SIGXFSZ, so
+    the write fails with EFBIG as on a full disk): the spool, the job database and every other file."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_full_spool_disk_fails_the_sender_and_loses_nothing_acknowledged(tmp_path, stages_factory):
+    from starlette.testclient import TestClient
+
+    from discgeo.gateway.http import create_app
+    from discgeo.gateway.ingest import stow_body
+
+    files = _study(tmp_path / "study", 66)
+    stowed = _study(tmp_path / "stowed", 67)
+    with running(tmp_path, stages_factory) as gateway:
+        client = TestClient(create_app(lambda: gateway))
+        with disk_full(16 * 1024):  # smaller than one instance
+            sent = _storescu(gateway, files)
+            body, ctype = stow_body(stowed)
+            answer = client.post("/dicomweb/studies", content=b"".join(body), headers={"Content-Type": ctype})
+        assert sent.returncode != 0  # storescu saw failure statuses (0xA700, out of resources)
+        assert answer.status_code == 507, answer.text
+        for study in (files, stowed):
+            uid = str(pydicom.dcmread(study[0]).StudyInstanceUID)
+            job_id = gateway.store.job_of_study(uid)
+            assert job_id is None or gateway.store.job(job_id)["instances"] == 0  # nothing acknowledged
+        # space again: the PACS's retry is stored and processed
+        assert _storescu(gateway, files).returncode == 0
+        body, ctype = stow_body(stowed)
+        answer = client.post("/dicomweb/studies", content=b"".join(body), headers={"Content-Type": ctype})
+        assert answer.status_code == 200, answer.text
+        for study in (files, stowed):
+            job = _wait(gateway, study, ("done", "failed"))
+            assert job["state"] == "done" and job["instances"] == len(study)

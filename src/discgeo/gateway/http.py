@@ -78,6 +78,12 @@ def create_app(gateway: Callable[[], Gateway]) -> Starlette:
         except DiscgeoError as exc:
             await run_in_threadpool(writer.discard)
             return _error(exc.http_status, exc.message)
+        except OSError as exc:  # the spool's disk is full or failing: nothing of this body was kept
+            log.error("STOW-RS body could not be written to the spool: %s", exc.strerror)
+            await run_in_threadpool(writer.discard)
+            return _error(
+                507, "the gateway could not write the body to disk; nothing was stored, send it again"
+            )
         except Exception as exc:
             log.info("STOW-RS body refused: %s", type(exc).__name__)
             await run_in_threadpool(writer.discard)

@@ -300,6 +300,7 @@ def start_scp(ingest: Ingest, settings: GatewaySettings) -> Any:
     ae.add_supported_context(Verification)
     ae.require_calling_aet = list(settings.allowed_aes)
     ae.require_called_aet = True
+    ae.maximum_associations = settings.max_associations
     received: dict[int, set[str]] = {}
     lock = threading.Lock()
 

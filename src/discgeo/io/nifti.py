@@ -49,10 +49,8 @@ def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bo
     check_finite(data, what=path.name)
     affine = image.affine
     if labels:
-        if data.dtype.kind == "f":
-            if not np.array_equal(data, np.rint(data)):
-                raise InvalidDataError(f"{path.name}: a label map must hold integers")
-            data = data.astype(np.int32)
+        if data.dtype.kind == "f" and not _whole_numbers(data):
+            raise InvalidDataError(f"{path.name}: a label map must hold integers")
         array = _smallest_int(data)
     else:
         array = data.astype(np.float32, copy=False)
@@ -89,10 +87,15 @@ def nifti_from_bytes(
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         volume = read_nifti(path, settings=settings, labels=labels)
-        # the file is gone after this block: make sure no lazy proxy still points at it
-        return Volume(
-            np.array(volume.array), volume.affine, volume.source_shape, volume.source_axcodes, volume.meta
-        )
+        # the file is gone after this block: an uncompressed upload may still be memory-mapped from it
+        array = volume.array
+        while isinstance(array, np.ndarray) and not isinstance(array, np.memmap):
+            array = array.base
+        if isinstance(array, np.memmap):
+            return Volume(
+                np.array(volume.array), volume.affine, volume.source_shape, volume.source_axcodes, volume.meta
+            )
+        return volume
 
 
 def nifti_to_bytes(volume: Volume) -> bytes:
@@ -121,6 +124,16 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
     image.set_sform(volume.affine, code=1)
     nib.save(image, str(path))
     return path
+
+
+def _whole_numbers(data: np.ndarray, slab_voxels: int = 1 << 22) -> bool:
+    """Whether every value is a whole number, checked slab by slab (no full-size temporaries)."""
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, slab_voxels):
+        part = flat[start : start + slab_voxels]
+        if not np.array_equal(part, np.rint(part)):
+            return False
+    return True
 
 
 def _smallest_int(data: np.ndarray) -> np.ndarray:
