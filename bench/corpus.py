@@ -485,6 +485,7 @@ def corpus(series: list[bytes], features: list[str]) -> list[Case]:
             ("no_sop_class_uid", "no_sop_instance_uid", "no_study_uid", "invalid_uid"), pixels_only
         ),
         "nifti_constant": {"measure": "process", "encode_discs": "process"},
+        "nifti_valid": {"measure": "refuse", "encode_discs": "refuse"},  # an image is not a label map
     }
     cases = [Case(n, "dicom", e, dicom(n), w, differs.get(n, {})) for n, e, _, w in _dicom_cases()]
     cases += [

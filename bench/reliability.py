@@ -197,6 +197,8 @@ def c_store(
                 return {"outcome": "aborted", "statuses": statuses}
             try:
                 answer = assoc.send_c_store(ds)
+            except RuntimeError:  # the gateway went away in the middle of the association
+                return {"outcome": "association lost", "statuses": statuses, "comments": comments}
             except (AttributeError, ValueError) as exc:
                 statuses.append(None)
                 comments.append(f"the sender cannot send it: {exc}"[:200])

@@ -142,6 +142,7 @@ def record_model(stage: str, version: str, provider: str = "none") -> None:
 def stage_request(stage: str) -> Iterator[None]:
     """Time a request, count its outcome and turn discgeo errors into HTTP errors with their status."""
     start = time.perf_counter()
+    refusal = None
     try:
         yield
     except DiscgeoError as exc:
@@ -150,7 +151,7 @@ def stage_request(stage: str) -> Iterator[None]:
         ).inc()
         ERRORS.labels(stage=stage, reason=exc.code).inc()
         log.info("%s request rejected: %s", stage, exc.code)
-        raise BentoMLException(exc.message, error_code=HTTPStatus(exc.http_status)) from None
+        refusal = BentoMLException(exc.message, error_code=HTTPStatus(exc.http_status))
     except Exception:
         REQUESTS.labels(stage=stage, outcome="server_error").inc()
         ERRORS.labels(stage=stage, reason="internal").inc()
@@ -159,3 +160,7 @@ def stage_request(stage: str) -> Iterator[None]:
         REQUESTS.labels(stage=stage, outcome="ok").inc()
     finally:
         STAGE_SECONDS.labels(stage=stage).observe(time.perf_counter() - start)
+    if refusal is not None:
+        # raised here, outside the handler: no traceback of the refused input's frames (which may hold
+        # a volume of hundreds of MB) stays attached to what the server keeps of the error
+        raise refusal

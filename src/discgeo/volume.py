@@ -141,7 +141,9 @@ def check_size(shape: tuple[int, ...], settings: Settings, *, what: str = "volum
 def check_finite(array: np.ndarray, *, what: str = "volume") -> None:
     """Raise :class:`InvalidDataError` when a floating-point array holds NaN or infinity."""
     if np.issubdtype(array.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
+        flat = array.ravel(order="K")  # a view of C- or Fortran-ordered data
+        step = 1 << 22  # slab by slab: no volume-sized temporaries
+        bad = sum(int(np.count_nonzero(~np.isfinite(flat[i : i + step]))) for i in range(0, flat.size, step))
         if bad:
             raise InvalidDataError(
                 f"{what} holds {bad} NaN or infinite voxel values; fix or mask them before use"

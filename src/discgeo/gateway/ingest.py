@@ -304,13 +304,17 @@ def start_scp(ingest: Ingest, settings: GatewaySettings) -> Any:
     received: dict[int, set[str]] = {}
     lock = threading.Lock()
 
-    def on_store(event: Any) -> int:
+    def on_store(event: Any) -> Any:
         result = ingest.accept(event.encoded_dataset())
         if result.ok and result.key:
             with lock:
                 received.setdefault(id(event.assoc), set()).add(result.key)
         elif not result.ok:
             log.info("C-STORE instance refused (0x%04X): %s", result.status, result.reason)
+            answer = pydicom.Dataset()
+            answer.Status = result.status
+            answer.ErrorComment = result.reason[:64]  # LO: the sender logs why
+            return answer
         return result.status
 
     def on_released(event: Any) -> None:

@@ -16,18 +16,21 @@ from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError, Un
 from discgeo.volume import Volume, check_finite, check_size
 
 
-def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bool = False) -> Volume:
+def read_nifti(
+    path: str | Path, *, settings: Settings | None = None, labels: bool = False, mmap: bool = True
+) -> Volume:
     """Read a NIfTI file as a canonical (RAS+) volume.
 
     Images come back as float32; with ``labels=True`` the voxels must be integers and come back as
-    the smallest fitting integer type.
+    the smallest fitting integer type. ``mmap=False`` reads the voxels into memory instead of mapping
+    an uncompressed file.
     """
     settings = settings or Settings.from_env()
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path} does not exist")
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path), mmap=mmap)
     except nib.filebasedimages.ImageFileError:
         raise UnsupportedFormatError(f"{path.name} is not a NIfTI file") from None
     except (OSError, EOFError, ValueError) as exc:
@@ -40,10 +43,13 @@ def read_nifti(path: str | Path, *, settings: Settings | None = None, labels: bo
     if len(shape) != 3:
         raise InvalidDataError(f"{path.name} has shape {image.shape}; discgeo needs one 3D volume")
     check_size(shape, settings, what=path.name)
+    failure = None
     try:
         data = np.asanyarray(image.dataobj).reshape(shape)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise CorruptFileError(f"{path.name} is truncated or damaged: {type(exc).__name__}") from None
+        failure = type(exc).__name__
+    if failure:  # raised outside the handler: no traceback keeps the partly read buffer alive
+        raise CorruptFileError(f"{path.name} is truncated or damaged: {failure}")
     if data.dtype.kind not in "iuf":
         raise InvalidDataError(f"{path.name}: voxels must be real numbers, got {data.dtype}")
     check_finite(data, what=path.name)
@@ -82,20 +88,35 @@ def nifti_from_bytes(
         except Exception:
             raise UnsupportedFormatError(f"{name} is not a NIfTI file") from None
     check_size(tuple(int(n) for n in header.get_data_shape()[:3]), settings, what=name)
-    suffix = ".nii.gz" if gz else ".nii"
+    declared = header.get_data_offset() + int(np.prod(header.get_data_shape(), dtype=np.int64)) * int(
+        header.get_data_dtype().itemsize
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{suffix}"
-        path.write_bytes(data)
-        volume = read_nifti(path, settings=settings, labels=labels)
-        # the file is gone after this block: an uncompressed upload may still be memory-mapped from it
-        array = volume.array
-        while isinstance(array, np.ndarray) and not isinstance(array, np.memmap):
-            array = array.base
-        if isinstance(array, np.memmap):
-            return Volume(
-                np.array(volume.array), volume.affine, volume.source_shape, volume.source_axcodes, volume.meta
-            )
-        return volume
+        path = Path(tmp) / "upload.nii"
+        if gz:
+            _gunzip(data, path, limit=declared, name=name)
+        else:
+            path.write_bytes(data)
+        # read into memory once (no memory map of a file about to vanish, no second copy)
+        return read_nifti(path, settings=settings, labels=labels, mmap=False)
+
+
+def _gunzip(data: bytes, path: Path, *, limit: int, name: str, chunk: int = 1 << 24) -> None:
+    """Inflate a gzip stream into ``path`` 16 MiB at a time, stopping at the ``limit`` bytes the header
+    declares (gzip's own reader would hold the whole inflated data twice in memory)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    written = 0
+    try:
+        with path.open("wb") as out:
+            piece = inflater.decompress(data, chunk)
+            while piece and written < limit:
+                out.write(piece[: limit - written])
+                written += len(piece)
+                piece = (
+                    inflater.decompress(inflater.unconsumed_tail, chunk) if inflater.unconsumed_tail else b""
+                )
+    except zlib.error:
+        raise CorruptFileError(f"{name}: damaged gzip stream") from None
 
 
 def nifti_to_bytes(volume: Volume) -> bytes:
@@ -128,7 +149,7 @@ def write_nifti(volume: Volume, path: str | Path) -> Path:
 
 def _whole_numbers(data: np.ndarray, slab_voxels: int = 1 << 22) -> bool:
     """Whether every value is a whole number, checked slab by slab (no full-size temporaries)."""
-    flat = data.reshape(-1)
+    flat = data.ravel(order="K")  # a view of C- or Fortran-ordered data
     for start in range(0, flat.size, slab_voxels):
         part = flat[start : start + slab_voxels]
         if not np.array_equal(part, np.rint(part)):
