@@ -64,6 +64,13 @@ FINAL = ("done", "forwarded", "failed", "dead")
 SUCCESS = ("done", "forwarded")
 GENERIC = re.compile(r"^(internal server error|bad request|error|unprocessable entity)?\.?$", re.I)
 LOAD_STUDIES = 50
+SERVICE_OF = {
+    "segment": "segmenter",
+    "measure": "geometry",
+    "encode_discs": "encoder",
+    "encode": "encoder",
+    "predict": "classifier",
+}
 
 
 # ------------------------------------------------------------------------------------------ stack
@@ -143,10 +150,7 @@ class Clients:
         self.gateway = httpx.Client(headers=client_headers("gateway"), timeout=300)
 
     def upload(self, endpoint: str, field: str, name: str, data: bytes, ctype: str) -> httpx.Response:
-        service = {"segment": "segmenter", "measure": "geometry", "encode_discs": "encoder"}.get(
-            endpoint, {"encode": "encoder", "predict": "classifier"}.get(endpoint, "")
-        )
-        url = f"{self.stack.urls[service]}/{endpoint}"
+        url = f"{self.stack.urls[SERVICE_OF[endpoint]]}/{endpoint}"
         if endpoint == "predict":
             return self.stage.post(url, content=data, headers={"Content-Type": ctype})
         return self.stage.post(url, files={field: (name, data, ctype)})
@@ -826,10 +830,9 @@ def memory_bounds(results: dict) -> dict[str, float]:
     reached it (a NIfTI of 640 MB in 0.6 MB is legitimate by its size; refusing it as constant or
     empty needs it read)."""
     reached: dict[str, list[float]] = {}
-    service = {"segment": "segmenter", "measure": "geometry", "encode_discs": "encoder"}
     for r in results["corpus"]["records"]:
-        if r.get("case") in corpus.DECODED_BYTES and r["entry"] in service:
-            reached.setdefault(service[r["entry"]], []).append(corpus.DECODED_BYTES[r["case"]] / 2**20)
+        if r.get("case") in corpus.DECODED_BYTES and r["entry"] in SERVICE_OF:
+            reached.setdefault(SERVICE_OF[r["entry"]], []).append(corpus.DECODED_BYTES[r["case"]] / 2**20)
     valid = results["memory_mib"]["valid"]
     # 16 MiB: below that, growth is allocator and import noise, not the input
     return {n: round(2 * max(valid[n], *reached.get(n, [0.0]), 16.0), 1) for n in valid}
