@@ -866,7 +866,7 @@ def markdown(results: dict) -> str:
         "",
         "## Inputs per entry point",
         "",
-        "| entry point | inputs | refused on arrival | accepted (studies: followed to their jobs below) | answers |",
+        "| entry point | inputs | refused on arrival | accepted (studies: see their jobs) | answers |",
         "|---|---|---|---|---|",
     ]
     for entry in entries:
