@@ -169,6 +169,10 @@ class Clients:
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return self.raw("gateway", "/gateway/dicomweb/studies", body, {"Content-Type": ctype})
 
+    def close(self) -> None:
+        self.stage.close()
+        self.gateway.close()
+
     def jobs_of(self, study_uid: str) -> list[dict]:
         response = self.gateway.get(f"{self.stack.urls['gateway']}/gateway/jobs", params={"study": study_uid})
         response.raise_for_status()
@@ -689,6 +693,7 @@ def run(work: Path, *, progress: Callable[[str], None] = print) -> dict[str, Any
             stack.start(name)
         results["startup_s"] = round(time.monotonic() - start, 1)
         clients = Clients(stack)
+        outer.callback(clients.close)
 
         reference = corpus.study("rel-reference", work / "reference")
         series = [f.read_bytes() for f in reference]
