@@ -11,8 +11,10 @@ requests into one ONNX Runtime call.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 from pydantic import BaseModel
@@ -23,6 +25,8 @@ from discgeo.encoding import CropSpec, disc_crops, unpack_crops
 from discgeo.encoding import Encoder as OnnxEncoder
 from discgeo.io.nifti import nifti_from_bytes
 from discgeo.serving import DISCS, INPUT_BYTES, check_tokens, protect, record_model, stage_request
+
+log = logging.getLogger("discgeo.service")
 
 STAGE = "encoder"
 
@@ -92,7 +96,7 @@ class Encoder:
 
     async def _encode(self, array: np.ndarray) -> Latents:
         details = await self._details()
-        out = await self.model.to_async.encode(array) if len(array) else np.zeros((0, 5), np.float32)
+        out = await self._run_model(array) if len(array) else np.zeros((0, 5), np.float32)
         DISCS.labels(stage=STAGE).inc(len(array))
         quality = out[:, -1]
         below = details["unusual_below"]
@@ -103,6 +107,15 @@ class Encoder:
             model_version=details["version"],
             provider=details["provider"],
         )
+
+    async def _run_model(self, array: np.ndarray) -> np.ndarray:
+        try:
+            return await self.model.to_async.encode(array)
+        except aiohttp.ClientConnectionError:
+            # a kept-alive connection to the model process that it closed meanwhile (seen under load:
+            # "Cannot write to closing transport"); inference is pure, so once more on a fresh one
+            log.info("encoder model connection was closed; retried once")
+            return await self.model.to_async.encode(array)
 
     @bentoml.api(route="/encode")
     async def encode(self, crops: Path) -> Latents:
