@@ -52,7 +52,8 @@ def studies(folder: Path, count: int, prefix: str) -> list[list[Path]]:
     return [write_dicom_series(image, folder / f"{prefix}-{i}", tags=t) for i, t in enumerate(tags)]
 
 
-def send_all(port: int, batch: list[list[Path]]) -> None:
+def send_studies(port: int, batch: list[list[Path]]) -> list[int]:
+    """One ``storescu`` process per study, all at once; their exit codes."""
     processes = [
         subprocess.Popen(
             ["storescu", "-aet", "STORESCU", "-aec", "DISCGEO", "127.0.0.1", str(port), *map(str, files)],
@@ -61,9 +62,12 @@ def send_all(port: int, batch: list[list[Path]]) -> None:
         )
         for files in batch
     ]
-    for process in processes:
-        if process.wait() != 0:
-            raise RuntimeError("storescu failed")
+    return [p.wait() for p in processes]
+
+
+def send_all(port: int, batch: list[list[Path]]) -> None:
+    if any(send_studies(port, batch)):
+        raise RuntimeError("storescu failed")
 
 
 def wait_done(url: str, batch: list[list[Path]], timeout: float = 1800) -> list[dict[str, Any]]:

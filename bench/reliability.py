@@ -45,8 +45,10 @@ import pydicom
 
 from bench import corpus
 from bench.corpus import Case
+from bench.gateway import send_studies
 from discgeo.classification import NarrowingClassifier
 from discgeo.config import Settings
+from discgeo.gateway.ingest import stow_body
 from discgeo.local import (
     SERVICES,
     STAGES,
@@ -160,14 +162,8 @@ class Clients:
         return client.post(f"{self.stack.urls[service]}{path}", content=data, headers=headers)
 
     def stow(self, instances: list[bytes]) -> httpx.Response:
-        boundary = "reliability-boundary"
-        parts = b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n"
-            for d in instances
-        )
-        body = parts + f"--{boundary}--\r\n".encode()
-        ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
-        return self.raw("gateway", "/gateway/dicomweb/studies", body, {"Content-Type": ctype})
+        chunks, ctype = stow_body(instances)
+        return self.raw("gateway", "/gateway/dicomweb/studies", b"".join(chunks), {"Content-Type": ctype})
 
     def close(self) -> None:
         self.stage.close()
@@ -508,19 +504,6 @@ def _discgeo_run(cases: list[Case], inputs: Path, out: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ load and faults
-def send_studies(port: int, batch: list[list[Path]]) -> list[int]:
-    """One ``storescu`` process per study, all at once; their exit codes."""
-    processes = [
-        subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", "DISCGEO", "127.0.0.1", str(port), *map(str, files)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for files in batch
-    ]
-    return [p.wait() for p in processes]
-
-
 def _uid(files: list[Path]) -> str:
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
 

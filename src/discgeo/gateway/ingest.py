@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,14 +262,16 @@ def stow_store(ingest: Ingest, parts: list[tuple[Path, str]]) -> tuple[int, dict
     return status, answer
 
 
-def stow_body(files: list[Path], boundary: str = "discgeo-boundary") -> tuple[Iterator[bytes], str]:
-    """A STOW-RS request body streamed file by file (multipart/related of application/dicom parts)
-    and its Content-Type."""
+def stow_body(
+    instances: Sequence[Path | bytes], boundary: str = "discgeo-boundary"
+) -> tuple[Iterator[bytes], str]:
+    """A STOW-RS request body streamed instance by instance (multipart/related of application/dicom
+    parts; files are read as they are sent) and its Content-Type."""
 
     def chunks() -> Iterator[bytes]:
-        for f in files:
+        for item in instances:
             yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            yield f.read_bytes()
+            yield item.read_bytes() if isinstance(item, Path) else item
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
