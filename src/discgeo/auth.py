@@ -56,19 +56,27 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         log.info("refused %s %s: missing or wrong bearer token", scope.get("method"), scope.get("path"))
-        body = json.dumps({"error": "unauthorized", "message": "a valid bearer token is required"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Bearer realm="discgeo"'),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        payload = {"error": "unauthorized", "message": "a valid bearer token is required"}
+        await send_json(send, 401, payload, [(b"www-authenticate", b'Bearer realm="discgeo"')])
+
+
+async def send_json(
+    send: Any, status: int, payload: dict[str, str], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer an ASGI request with ``payload`` as JSON (for middleware that refuses a request)."""
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                *(headers or []),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def bearer_header(tokens_file: Path | None, what: str) -> dict[str, str]:

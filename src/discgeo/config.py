@@ -50,6 +50,7 @@ class Settings:
 
     max_dim: int = 2048
     max_voxels: int = 200_000_000
+    max_body_bytes: int | None = None  # a stage service's own cap when unset
     contrast_preference: tuple[str, ...] = ("t1", "t2")
     accepted_planes: tuple[str, ...] = ("sagittal",)
     orientation_tolerance: float = 1e-3
@@ -125,6 +126,7 @@ class Settings:
         return cls(
             max_dim=as_int("MAX_DIM", cls.max_dim),
             max_voxels=as_int("MAX_VOXELS", cls.max_voxels),
+            max_body_bytes=as_int("MAX_BODY_BYTES", 0) or None,
             contrast_preference=as_choices("CONTRAST_PREFERENCE", cls.contrast_preference, CONTRASTS),
             accepted_planes=as_choices("ACCEPTED_PLANES", cls.accepted_planes, PLANES),
             orientation_tolerance=as_float("ORIENTATION_TOLERANCE", cls.orientation_tolerance),

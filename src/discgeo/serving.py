@@ -7,9 +7,7 @@ no per-study labels.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +17,8 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import BentoMLException
 
-from discgeo.auth import BearerAuth, accepted_tokens
+from discgeo.auth import BearerAuth, accepted_tokens, send_json
+from discgeo.config import Settings
 from discgeo.errors import DiscgeoError
 
 log = logging.getLogger("discgeo.service")
@@ -83,7 +82,7 @@ class BodyLimit:
 
     def __init__(self, app: Any, *, limit: int) -> None:
         self.app = app
-        self.limit = int(os.environ.get("DISCGEO_MAX_BODY_BYTES") or limit)
+        self.limit = Settings.from_env().max_body_bytes or limit
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -102,20 +101,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         log.info("refused %s %s: %s", scope.get("method"), scope.get("path"), message)
-        body = json.dumps(
-            {"error": "request_too_large" if status == 413 else "length_required", "message": message}
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
+        code = "request_too_large" if status == 413 else "length_required"
+        await send_json(send, status, {"error": code, "message": message})
 
 
 def protect(service: Any, audience: str = "stage", *, max_body_bytes: int | None) -> Any:
