@@ -52,10 +52,7 @@ class DiscLatents(Latents):
 )
 class EncoderModel:
     def __init__(self) -> None:
-        settings = Settings.from_env()
-        self.model = OnnxEncoder.from_artifact(
-            settings.artifact("autoencoder"), providers=settings.onnx_providers or None
-        )
+        self.model = OnnxEncoder.from_settings(Settings.from_env())
         record_model(STAGE, self.model.version, self.model.provider)
 
     # max_latency_ms bounds wait + compute; the dispatcher answers 503 beyond it, so leave room for CPU

@@ -134,7 +134,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from discgeo.encoding import Encoder
 
     settings = Settings.from_env()
-    encoder = Encoder.from_artifact(args.encoder or settings.artifact("autoencoder"))
+    encoder = Encoder.from_settings(settings, args.encoder)
     summary = analyze(
         Path(args.cohort),
         Path(args.out),

@@ -58,6 +58,7 @@ class Settings:
     models_dir: Path = SOURCE_MODELS_DIR
     artifact_overrides: tuple[tuple[str, Path], ...] = ()
     onnx_providers: tuple[str, ...] = ()
+    onnx_threads: int | None = None  # intra-op threads; None: the CPUs the cgroup quota allows
     segmenter_mode: str = "fast"
     device_uid: str | None = None
     forward_findings: bool = False
@@ -138,6 +139,7 @@ class Settings:
                 if (value := get(f"{name.upper()}_ARTIFACT"))
             ),
             onnx_providers=tuple(p.strip() for p in (get("ONNX_PROVIDERS") or "").split(",") if p.strip()),
+            onnx_threads=as_int("ONNX_THREADS", 0) or None,
             segmenter_mode=segmenter_mode,
             device_uid=get("DEVICE_UID"),
             forward_findings=(get("FORWARD_FINDINGS") or "0").lower() in ("1", "true", "yes"),

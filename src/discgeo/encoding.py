@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from discgeo.config import Settings
 from discgeo.errors import InvalidDataError, TooLargeError, UnsupportedFormatError
 from discgeo.geometry import find_discs
 from discgeo.runtime import open_session
@@ -252,6 +253,16 @@ class Encoder:
 
         folder, metadata = load_artifact(path, kind="autoencoder")
         return cls(folder, metadata, providers, threads)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, artifact: str | Path | None = None) -> Encoder:
+        """The configured encoder: ``artifact`` (default: the settings' autoencoder artifact) with the
+        settings' ONNX providers and threads."""
+        return cls.from_artifact(
+            artifact or settings.artifact("autoencoder"),
+            providers=settings.onnx_providers or None,
+            threads=settings.onnx_threads,
+        )
 
     def crop(self, labels: Volume) -> CropResult:
         """Crops of every disc of a label map, as this encoder was trained on them."""

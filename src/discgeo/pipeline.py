@@ -64,9 +64,8 @@ class LocalStages:
         from discgeo.segmentation import Segmenter
 
         settings = Settings.from_env()
-        providers = settings.onnx_providers or None
         self.segmenter = segmenter or Segmenter.from_settings(settings)
-        self.encoder = encoder or Encoder.from_artifact(settings.artifact("autoencoder"), providers=providers)
+        self.encoder = encoder or Encoder.from_settings(settings)
         self.classifier = classifier or NarrowingClassifier.from_artifact(settings.artifact("classifier"))
         self.classifier.check_encoder(self.encoder.version)
 

@@ -289,10 +289,11 @@ class Segmenter:
     @classmethod
     def from_settings(cls, settings: Settings, artifact: str | Path | None = None) -> Segmenter:
         """The configured segmenter: ``artifact`` (default: the settings' segmenter artifact) with the
-        settings' ONNX providers and inference mode."""
+        settings' ONNX providers, threads and inference mode."""
         return cls.from_artifact(
             artifact or settings.artifact("segmenter"),
             providers=settings.onnx_providers or None,
+            threads=settings.onnx_threads,
             mode=settings.segmenter_mode,
         )
 
