@@ -66,6 +66,8 @@ FINAL = ("done", "forwarded", "failed", "dead")
 SUCCESS = ("done", "forwarded")
 GENERIC = re.compile(r"^(internal server error|bad request|error|unprocessable entity)?\.?$", re.I)
 LOAD_STUDIES = 50
+TRACEBACK = "Traceback (most recent call last)"
+SERVER_ERROR = re.compile(r"\(status=5\d\d,")  # BentoML's access log: every answer of every process
 SERVICE_OF = {
     "segment": "segmenter",
     "measure": "geometry",
@@ -490,7 +492,7 @@ def _discgeo_run(cases: list[Case], inputs: Path, out: Path) -> list[dict]:
         message = mine[0].split(": ", 3)[-1] if mine else ""
         internal = any("internal error" in line for line in mine)
         records.append(_record(case, "discgeo run", None, message, outcome=status, internal=internal))
-    tracebacks = done.stderr.count("Traceback (most recent call last)")
+    tracebacks = done.stderr.count(TRACEBACK)
     records.append(
         {
             "case": "(all)",
@@ -638,8 +640,18 @@ def phi_audit(stack: Stack, clients: Clients, work: Path, texts: list[str]) -> d
     return {"places": sorted(places), "hits": {k: v for k, v in hits.items() if v}}
 
 
-def tracebacks(stack: Stack) -> dict[str, int]:
-    return {name: text.count("Traceback (most recent call last)") for name, text in stack.all_logs().items()}
+def log_events(stack: Stack) -> dict[str, dict[str, int]]:
+    """Per service, the tracebacks and the 5xx answers in its log so far (the 5xx include those the
+    gateway's own stage calls and each API process's calls to its model process got)."""
+    logs = stack.all_logs()
+    return {
+        "tracebacks": {name: text.count(TRACEBACK) for name, text in logs.items()},
+        "5xx": {name: len(SERVER_ERROR.findall(text)) for name, text in logs.items()},
+    }
+
+
+def _since(now: dict[str, dict[str, int]], then: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {kind: {n: c - then[kind][n] for n, c in counts.items()} for kind, counts in now.items()}
 
 
 def traceback_excerpts(stack: Stack, limit: int = 3) -> list[str]:
@@ -647,7 +659,7 @@ def traceback_excerpts(stack: Stack, limit: int = 3) -> list[str]:
     out = []
     for name, text in stack.all_logs().items():
         start = 0
-        while len(out) < limit and (i := text.find("Traceback (most recent call last)", start)) >= 0:
+        while len(out) < limit and (i := text.find(TRACEBACK, start)) >= 0:
             out.append(f"{name}: " + text[max(0, text.rfind("\n", 0, max(i - 1, 0))) : i + 2500])
             start = i + 1
     return out
@@ -711,18 +723,18 @@ def run(work: Path, *, progress: Callable[[str], None] = print) -> dict[str, Any
             json.dumps(results, indent=1, default=str)
         )  # to look at while it runs
 
-        results["tracebacks"] = tracebacks(stack)  # the corpus: no refusal may log a traceback
+        after_corpus = results["logged"] = log_events(stack)  # no refusal may log a traceback or a 5xx
         results["traceback_excerpts"] = traceback_excerpts(stack)
         progress(f"load: {LOAD_STUDIES} studies at once")
         results["load"] = run_load(stack, clients, orthanc_url, work)
-        after_load = tracebacks(stack)  # reported with the load (a slow stage under load may log one)
-        results["load"]["tracebacks"] = {n: after_load[n] - results["tracebacks"][n] for n in after_load}
+        after_load = log_events(stack)
+        results["load"]["logged"] = _since(after_load, after_corpus)
         results["faults"] = run_faults(stack, clients, orthanc_url, work, progress)
         messages = [r.get("message", "") for r in results["corpus"]["records"]]
         messages += [str(j.get("error")) for s in results["corpus"]["jobs"] for j in s["jobs"]]
         results["phi"] = phi_audit(stack, clients, work, messages)
-        after = tracebacks(stack)  # a killed dependency may make a service log one: reported, not a goal
-        results["faults"]["tracebacks"] = {n: after[n] - after_load[n] for n in after}
+        # a killed dependency may make a service log a traceback or answer 5xx: reported, not a goal
+        results["faults"]["logged"] = _since(log_events(stack), after_load)
     results["goals"] = goals(results)
     results["took_s"] = round(time.monotonic() - start, 1)
     return results
@@ -786,8 +798,16 @@ def goals(results: dict) -> dict[str, Any]:
             nv == 0,
         ),
         "tracebacks in service logs for the corpus": (
-            nt := sum(results["tracebacks"].values()) + run_summary["tracebacks"],
+            nt := sum(results["logged"]["tracebacks"].values()) + run_summary["tracebacks"],
             nt == 0,
+        ),
+        "5xx in service logs (any caller) for the corpus": (
+            ne := sum(results["logged"]["5xx"].values()),
+            ne == 0,
+        ),
+        "tracebacks or 5xx in service logs under load": (
+            nl := sum(sum(c.values()) for c in load["logged"].values()),
+            nl == 0,
         ),
         "outcome other than expected": (wrong, not wrong),
         "refusals without a specific message": (vague, not vague),
@@ -892,10 +912,9 @@ def markdown(results: dict) -> str:
         "",
         "Stage kills: "
         + ", ".join(f"{k['service']} down {k['down_s']} s" for k in results["faults"]["stages"]["kills"])
-        + "; tracebacks logged under load: "
-        + (", ".join(f"{n} {c}" for n, c in results["load"]["tracebacks"].items() if c) or "none")
-        + ", after the kills: "
-        + (", ".join(f"{n} {c}" for n, c in results["faults"]["tracebacks"].items() if c) or "none"),
+        + "; logged after the kills: "
+        + _logged(results["faults"]["logged"])
+        + ".",
         "",
         "## Every input",
         "",
@@ -920,6 +939,11 @@ def markdown(results: dict) -> str:
         )
         lines.append(f"| {s['case']} | {s['entry']} | {s['answer']} | {jobs.replace('|', '/')[:160]} |")
     return "\n".join(lines) + "\n"
+
+
+def _logged(logged: dict[str, dict[str, int]]) -> str:
+    found = [f"{n} {c} {kind}" for kind, counts in logged.items() for n, c in counts.items() if c]
+    return ", ".join(found) or "none"
 
 
 def _study_row(name: str, outcome: dict) -> str:

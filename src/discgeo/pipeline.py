@@ -105,15 +105,19 @@ class RemoteStageError(DiscgeoError):
     """A stage service answered with an error (4xx: the input; 5xx after retries: the service).
 
     ``transient`` says whether trying the same study again later may succeed (the service was
-    unreachable or failed), as opposed to the input being refused or a call timing out (a timed-out
-    segmentation is not blindly repeated: it would run again on a service that may still be busy)."""
+    unreachable or failed), as opposed to the input being refused or a call timing out. A timed-out
+    call is not blindly repeated: the service may still be computing the abandoned request, so
+    ``busy_for_s`` says how long to leave it before the study is tried again."""
 
     code = "stage_error"
 
-    def __init__(self, message: str, status: int, *, transient: bool = False) -> None:
+    def __init__(
+        self, message: str, status: int, *, transient: bool = False, busy_for_s: float = 0.0
+    ) -> None:
         super().__init__(message)
         self.http_status = status if 400 <= status < 500 else 502
         self.transient = transient
+        self.busy_for_s = busy_for_s
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ class RemoteStages:
                 response = send(timeout)
             except httpx.TimeoutException:
                 raise RemoteStageError(
-                    f"{stage} service did not answer within {timeout:.0f} s", 504
+                    f"{stage} service did not answer within {timeout:.0f} s", 504, busy_for_s=timeout
                 ) from None
             except httpx.TransportError as exc:
                 if attempt == self.retries:

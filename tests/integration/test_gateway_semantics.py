@@ -5,7 +5,9 @@ nothing lost, nothing processed from a partial study, nothing written twice, str
 from __future__ import annotations
 
 import contextlib
+import http.server
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,6 +180,85 @@ def test_stage_outage_is_retried_then_dead_lettered_with_its_reason(tmp_path):
     assert not gateway.ready()  # workers and scheduler stopped: the readiness probe fails
 
 
+@contextlib.contextmanager
+def slow_service(delay_s: float) -> Iterator[tuple[str, list[float]]]:
+    """An HTTP service that answers every POST only after ``delay_s`` (a stage busy past its timeout);
+    yields its URL and the times requests arrived."""
+    arrivals: list[float] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            arrivals.append(time.monotonic())
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(delay_s)
+            with contextlib.suppress(OSError):
+                self.send_response(503)
+                self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", arrivals
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_timed_out_stage_is_not_called_again_while_it_may_still_be_busy(tmp_path):
+    files = _study(tmp_path / "study", 66)
+    with slow_service(3.0) as (url, arrivals):
+        urls = ServiceURLs(segmenter=url, encoder=url, geometry=url, classifier=url)
+        stages = lambda: RemoteStages(urls, timeouts_s={"segmenter": 1.5})  # noqa: E731
+        with running(tmp_path, stages, max_attempts=2, workers=1) as gateway:
+            assert _storescu(gateway, files).returncode == 0
+            deadline = time.monotonic() + 30
+            while not (job := _job(gateway, files))["error"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert job["state"] == "queued"
+            assert "did not answer within 2 s" in job["error"] and len(arrivals) == 1  # no retry in the try
+            not_before = gateway.store.db.execute("SELECT not_before FROM studies").fetchone()[0]
+            assert not_before - time.time() >= 1.0  # at least the timeout after it gave up
+            gateway.store.db.execute("UPDATE studies SET not_before=0")  # skip the rest of the backoff
+            job = _wait(gateway, files, ("dead",), timeout=30)
+            assert job["error"].endswith("(after 2 attempts)") and len(arrivals) == 2
+
+
+def test_readiness_fails_while_a_worker_hangs_past_its_deadline(tmp_path, stages_factory, monkeypatch):
+    from discgeo.gateway import worker
+
+    monkeypatch.setattr(worker, "HEARTBEAT_LIMIT_S", 1.0)
+    hang = threading.Event()
+
+    def hanging_stages():
+        stages = stages_factory()
+        segment = stages.segment
+
+        def segment_after_hanging(volume):
+            hang.wait(20)
+            return segment(volume)
+
+        stages.segment = segment_after_hanging
+        return stages
+
+    files = _study(tmp_path / "study", 67)
+    with running(tmp_path, hanging_stages, study_timeout_s=1.0, workers=1) as gateway:
+        assert gateway.ready()
+        assert _storescu(gateway, files).returncode == 0
+        _wait(gateway, files, ("processing",), timeout=30)
+        deadline = time.monotonic() + 10
+        while gateway.ready() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not gateway.ready()  # busy for longer than the deadline plus the heartbeat limit
+        hang.set()
+        _wait(gateway, files, ("done",), timeout=60)
+        time.sleep(1.0)
+        assert gateway.ready()  # the worker beats again
+
+
 @pytest.mark.skipif(
     subprocess.run(["which", "Orthanc"], capture_output=True).returncode != 0, reason="no Orthanc"
 )
@@ -186,7 +267,7 @@ def test_results_reach_the_pacs_exactly_once_through_an_outage(tmp_path, stages_
     pacs_port = free_port()
     forward = f"dicom://ORTHANC@127.0.0.1:{pacs_port}"
     with running(tmp_path, stages_factory, forward=forward) as gateway:
-        assert _storescu(gateway, files).returncode == 0
+        assert _storescu(gateway, files[:-1]).returncode == 0  # the last slice comes late (below)
         job = _wait(gateway, files, ("results_ready",))
         time.sleep(2.0)  # the PACS is down: the results wait in the outbox, nothing is lost
         job = _job(gateway, files)
@@ -207,6 +288,13 @@ def test_results_reach_the_pacs_exactly_once_through_an_outage(tmp_path, stages_
             modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
             assert modalities == ["SEG", "SR"]  # one SEG and one SR although sent twice
             assert all(len(s["Instances"]) == 1 for s in series)
+            # the late slice: a new revision, whose results are new objects beside the first ones
+            assert _storescu(gateway, files[-1:]).returncode == 0
+            job = _wait(gateway, files, ("forwarded",), timeout=60)
+            assert job["revision"] == 2
+            series = httpx.get(f"{url}/studies/{studies[0]}/series", timeout=10).json()
+            assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["SEG", "SEG", "SR", "SR"]
+            assert all(len(s["Instances"]) == 1 for s in series)  # one SEG and one SR per revision
 
 
 @contextlib.contextmanager

@@ -82,3 +82,15 @@ def test_zip_members_are_checked_before_reading(tmp_path, name, size, message):
         archive.writestr(name, bytes(size))
     with pytest.raises((UnsupportedFormatError, TooLargeError), match=message):
         read_dicom(path)
+
+
+def test_zip_with_too_many_members_is_refused_before_reading(tmp_path, monkeypatch):
+    from discgeo.io import dicom
+
+    monkeypatch.setattr(dicom, "MAX_ZIP_MEMBERS", 3)
+    path = tmp_path / "study.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(4):
+            archive.writestr(f"{i}.dcm", b"not read")
+    with pytest.raises(TooLargeError, match="holds 4 files; the limit is 3"):
+        read_dicom(path)

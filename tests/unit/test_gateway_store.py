@@ -74,9 +74,12 @@ def test_instance_during_processing_supersedes_the_revision(tmp_path, store):
     store.promote(idle_s=0.0, stable_s=0.0)
     claim = store.claim()
     ingest.accept(files[3].read_bytes())  # arrives while revision 1 is being processed
+    store.release({claim.key})  # ... and its sender finishes before revision 1 is done
     store.succeeded(claim, forward=True, warnings=[])
     job = store.job(claim.job_id)
     assert job["state"] == "receiving" and job["revision"] == 2 and store.pending_outbox() == []
+    # the release was kept: the new revision completes after idle_s, it does not wait for stable_s
+    assert store.promote(idle_s=0.0, stable_s=3600.0) == [claim.job_id]
 
 
 def test_claims_are_atomic(tmp_path, store):
@@ -114,6 +117,21 @@ def test_retries_dead_letters_and_recovery(tmp_path, store):
     state = store.retry_later(poison, "internal error: X", transient=False, retry_s=600, max_attempts=2)
     assert state == "queued"
     store.db.execute("UPDATE studies SET not_before=0 WHERE key=?", (poison.key,))
+    second = store.claim()
+    assert second.attempt == 2
+    # a timeout: the next try waits at least as long as the abandoned call may still run
+    before = time.time()
+    timed_out = "segmenter service did not answer within 900 s"
+    kwargs = {"transient": False, "retry_s": 600, "max_attempts": 3}
+    assert store.retry_later(second, timed_out, **kwargs, min_delay_s=900) == "queued"
+    not_before = store.db.execute("SELECT not_before FROM studies WHERE key=?", (poison.key,)).fetchone()[0]
+    assert not_before >= before + 900
+    store.db.execute("UPDATE studies SET not_before=0 WHERE key=?", (poison.key,))
+    third = store.claim()
+    assert store.retry_later(third, timed_out, **kwargs, min_delay_s=900) == "dead"
+    assert store.job(poison.job_id)["error"] == timed_out + " (after 3 attempts)"
+    store.force(poison.job_id)
+    store.db.execute("UPDATE studies SET not_before=0, attempts=1 WHERE key=?", (poison.key,))
     second = store.claim()
     assert second.attempt == 2
     # the gateway dies while processing: recovery dead-letters what was interrupted max_attempts times

@@ -10,6 +10,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from discgeo.api import process_study
 from discgeo.config import Settings
@@ -107,9 +110,14 @@ def test_findings_only_when_asked_and_uids_are_deterministic(threshold_stages, s
     # other models, or a different set of source instances: new objects
     same = Provenance(device_uid="1.2.3", study_uid="1.2.9", revision="r", model_versions={"segmenter": "a"})
     assert same.uid("sr instance") == dataclasses.replace(same).uid("sr instance")
-    assert same.uid("sr instance") != dataclasses.replace(same, model_versions={"segmenter": "b"}).uid(
-        "sr instance"
-    )
+    for change in (
+        {"model_versions": {"segmenter": "b"}},
+        {"software_version": "9.9.9"},
+        {"device_uid": "1.2.4"},
+        {"include_findings": True},
+        {"revision": "s"},
+    ):  # anything that changes the content changes the UIDs
+        assert same.uid("sr instance") != dataclasses.replace(same, **change).uid("sr instance"), change
     fewer = process_study(
         study[1:-1], stages=threshold_stages, out=tmp_path / "c", settings=settings, device="1.2.3"
     )
@@ -127,6 +135,18 @@ def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, s
         ds.PatientName = "Verylongfamilyname" * 5 + "^Given"
         ds.AccessionNumber = "A" * 30
         ds.SpecificCharacterSet = "ISO_IR 999"
+        # every root attribute of the Patient and Study entities is copied, not only the identity
+        for keyword, vr, text in (
+            ("PatientWeight", "DS", "70kg"),
+            ("PatientSize", "DS", "1.812345678901234567"),
+            ("PatientAge", "AS", "45"),
+            ("PatientBirthTime", "TM", "25:99"),
+        ):  # as a real archive holds them: raw bytes that pydicom would not let one assign
+            tag = Tag(tag_for_keyword(keyword))
+            data = text.encode() + b" " * (len(text) % 2)
+            ds[tag] = RawDataElement(tag, vr, len(data), data, 0, False, True)
+        ds.OtherPatientNames = ["Other" * 40 + "^Name", "Short^Name"]
+        ds.PatientComments = "kept as it is"
         target = tmp_path / "in" / path.name
         target.parent.mkdir(exist_ok=True)
         ds.save_as(target)
@@ -145,6 +165,13 @@ def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, s
     assert given == "Given" and family.startswith("Verylongfamilyname") and len(family) == 58
     assert sr.PatientBirthDate == "19610704" and sr.PatientSex == "M" and len(str(sr.PatientName)) <= 64
     assert len(sr.AccessionNumber) <= 16 and sr.SpecificCharacterSet == "ISO_IR 192"
+    assert "PatientWeight" not in sr and "PatientBirthTime" not in sr and sr.PatientAge == "045Y"
+    assert float(sr.PatientSize) == pytest.approx(1.8123456789) and len(str(sr.PatientSize)) <= 16
+    assert [len(str(n)) <= 64 for n in sr.OtherPatientNames] == [True, True]
+    assert str(sr.OtherPatientNames[1]) == "Short^Name" and sr.PatientComments == "kept as it is"
+    for keyword in ("PatientWeight", "PatientSize", "PatientAge", "PatientBirthTime", "OtherPatientNames"):
+        assert any(w.startswith(keyword) for w in warnings), keyword
+    assert not any(w.startswith("PatientComments") for w in warnings)
     seg = pydicom.dcmread(processed.files["seg"])
-    assert seg.PatientBirthDate == "19610704"
+    assert seg.PatientBirthDate == "19610704" and seg.PatientAge == "045Y" and "PatientWeight" not in seg
     assert not [w for w in recwarn if "Verylong" in str(w.message) or "1961" in str(w.message)]

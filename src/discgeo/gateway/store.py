@@ -203,7 +203,10 @@ class JobStore:
         """The sender finished cleanly with these studies (association released, request done)."""
         with self.lock:
             for key in keys:
-                self.db.execute("UPDATE studies SET released=1 WHERE key=? AND state='receiving'", (key,))
+                self.db.execute(
+                    "UPDATE studies SET released=1 WHERE key=? AND state IN ('receiving', 'processing')",
+                    (key,),
+                )
 
     def promote(self, idle_s: float, stable_s: float) -> list[str]:
         """Queue complete studies: released and idle for ``idle_s``, or idle for ``stable_s`` without a
@@ -299,10 +302,18 @@ class JobStore:
                 )
 
     def retry_later(
-        self, claim: Claim, reason: str, *, transient: bool, retry_s: float, max_attempts: int
+        self,
+        claim: Claim,
+        reason: str,
+        *,
+        transient: bool,
+        retry_s: float,
+        max_attempts: int,
+        min_delay_s: float = 0.0,
     ) -> str:
         """A transient stage failure (retried with backoff until ``retry_s`` has passed since the first)
-        or an internal error or timeout (retried until ``max_attempts``); returns the new state."""
+        or an internal error or timeout (retried until ``max_attempts``, not before ``min_delay_s``:
+        a timed-out service may still be busy with the abandoned call); returns the new state."""
         now = time.time()
         with self.lock:
             if self._superseded(claim):
@@ -318,7 +329,7 @@ class JobStore:
             else:
                 dead = claim.attempt >= max_attempts
                 attempts_sql = "attempts=attempts"
-                delay = min(300.0, 10.0 * 2.0 ** (claim.attempt - 1))
+                delay = max(min_delay_s, min(300.0, 10.0 * 2.0 ** (claim.attempt - 1)))
             state = "dead" if dead else "queued"
             error = (
                 f"{reason} (for {now - first:.0f} s)"
@@ -334,7 +345,7 @@ class JobStore:
                     state,
                     error,
                     first if transient else None,
-                    now + delay * random.uniform(0.75, 1.25),
+                    now + max(min_delay_s, delay * random.uniform(0.75, 1.25)),
                     now,
                     claim.key,
                 ),

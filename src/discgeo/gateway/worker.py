@@ -47,7 +47,9 @@ class Gateway:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._scp: Any = None
-        self.heartbeat = time.monotonic()
+        # per thread, the time.monotonic() by which it must beat again: an idle worker or the scheduler
+        # within HEARTBEAT_LIMIT_S, a busy worker within its study's deadline plus that limit
+        self._beat_by: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -57,6 +59,7 @@ class Gateway:
             self._threads.append(threading.Thread(target=self._work, name=f"discgeo-worker-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._schedule, name="discgeo-scheduler", daemon=True))
         for thread in self._threads:
+            self._beat_by[thread.name] = time.monotonic() + HEARTBEAT_LIMIT_S
             thread.start()
         if self.config.allowed_aes:
             self._scp = start_scp(self.ingest, self.config)
@@ -77,9 +80,16 @@ class Gateway:
             thread.join(timeout=30)
 
     def ready(self) -> bool:
-        """Ready while the scheduler beats and every worker thread lives."""
-        alive = all(t.is_alive() for t in self._threads) and bool(self._threads)
-        return alive and time.monotonic() - self.heartbeat < HEARTBEAT_LIMIT_S
+        """Ready while every worker and the scheduler live and beat in time (a worker hung past its
+        study's deadline, or a stuck scheduler, makes the readiness probe fail)."""
+        now = time.monotonic()
+        return bool(self._threads) and all(
+            t.is_alive() and now < self._beat_by[t.name] for t in self._threads
+        )
+
+    def _beat(self, busy: bool = False) -> None:
+        limit = HEARTBEAT_LIMIT_S + (self.config.study_timeout_s if busy else 0.0)
+        self._beat_by[threading.current_thread().name] = time.monotonic() + limit
 
     # ---------------------------------------------------------------------------------- scheduler
     def _schedule(self) -> None:
@@ -92,7 +102,7 @@ class Gateway:
                 if time.monotonic() - last_expiry > EXPIRE_EVERY_S:
                     self.store.expire(self.config.retention_days)
                     last_expiry = time.monotonic()
-                self.heartbeat = time.monotonic()
+                self._beat()
             except Exception:  # the scheduler must keep beating; readiness shows if it cannot
                 log.exception("scheduler step failed")
             self._stop.wait(POLL_S)
@@ -119,10 +129,12 @@ class Gateway:
     def _work(self) -> None:
         stages: Stages | None = None
         while not self._stop.is_set():
+            self._beat()
             claim = self.store.claim()
             if claim is None:
                 self._stop.wait(POLL_S)
                 continue
+            self._beat(busy=True)
             if stages is None:
                 stages = self.stages_factory()
             self.process(claim, stages)
@@ -146,7 +158,7 @@ class Gateway:
             )
         except RemoteStageError as exc:
             if exc.transient or exc.http_status >= 500:
-                state = self._retry(claim, exc.message, transient=exc.transient)
+                state = self._retry(claim, exc.message, transient=exc.transient, not_before_s=exc.busy_for_s)
             else:
                 self.store.failed(claim, exc.message)
         except DiscgeoError as exc:
@@ -169,13 +181,14 @@ class Gateway:
         self.on_job_done(state)
         return state
 
-    def _retry(self, claim: Claim, reason: str, *, transient: bool) -> str:
+    def _retry(self, claim: Claim, reason: str, *, transient: bool, not_before_s: float = 0.0) -> str:
         state = self.store.retry_later(
             claim,
             reason,
             transient=transient,
             retry_s=self.config.retry_s,
             max_attempts=self.config.max_attempts,
+            min_delay_s=not_before_s,
         )
         log.warning("job %s: %s -> %s", claim.job_id, reason, state)
         return state
