@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry reliability real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images base-image run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry reliability real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ run: setup
 	$(VENV)/bin/discgeo run $(BUILD)/sample/case-0000/dicom --out $(BUILD)/sample-results
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
-SYSTEM_PACKAGES := dicom3tools dcmtk orthanc prometheus
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc prometheus podman buildah runc catatonit mmdebstrap
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -45,15 +45,16 @@ down:
 k8s-validate: setup
 	$(PY) deploy/k8s/validate.py
 
-# Container images per service (CPU and GPU variants) where a container engine runs.
-IMAGE_SERVICES := segmenter:Segmenter encoder:Encoder geometry:Geometry classifier:Classifier gateway:Gateway
-images:
-	@if docker info >/dev/null 2>&1; then \
-		for item in $(IMAGE_SERVICES); do name=$${item%%:*}; cls=$${item##*:}; extras=$$( [ $$name = geometry ] && echo geometry || echo services ); \
-		docker build -f deploy/docker/Dockerfile --build-arg SERVICE=$$name --build-arg CLASS=$$cls --build-arg EXTRAS=$$extras -t discgeo/$$name:0.1.0-cpu . || exit 1; \
-		docker build -f deploy/docker/Dockerfile --build-arg SERVICE=$$name --build-arg CLASS=$$cls --build-arg EXTRAS=$$extras --build-arg BASE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04 -t discgeo/$$name:0.1.0-gpu . || exit 1; \
-		done; \
-	else echo "no container engine here (docker info fails): no image built; definition: deploy/docker/Dockerfile"; fi
+# Service images (deploy/images.py): the shared runtime and five thin service images, CPU and GPU
+# variants (VARIANTS=cpu for one), with podman or docker; on python:3.11-slim where a registry answers,
+# else on the Debian base of `make base-image`. Sizes: bench/results/images.{json,md}.
+VARIANTS ?= cpu gpu
+images: system-deps
+	python3 deploy/images.py $(foreach v,$(VARIANTS),--variant $(v))
+
+# A Debian bookworm base image from Debian packages (mmdebstrap), for hosts without a registry.
+base-image: system-deps
+	python3 deploy/images.py --base-only
 
 lint: setup
 	$(VENV)/bin/ruff check src tests services docs bench training deploy

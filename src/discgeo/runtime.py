@@ -57,10 +57,10 @@ def cgroup_cpu_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
             base = cgroup_root / "unified" if (cgroup_root / "unified").is_dir() else cgroup_root
             read = _v2_quota
         elif "cpu" in controllers.split(","):
-            base = next((d for d in (cgroup_root / controllers, cgroup_root / "cpu") if d.is_dir()), None)
-            if base is None:
+            mounts = [d for d in (cgroup_root / controllers, cgroup_root / "cpu") if d.is_dir()]
+            if not mounts:
                 continue
-            read = _v1_quota
+            base, read = mounts[0], _v1_quota
         else:
             continue
         folder = base / path.lstrip("/")
@@ -103,7 +103,18 @@ def open_session(path: Path, providers: Sequence[str] | None = None, threads: in
     # shared with other pods is the normal case in a deployment, so robustness wins
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     requested = select_providers(providers)
+    if "CUDAExecutionProvider" in requested and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN from PyPI wheels (the GPU image) are found only once loaded from site-packages
+        ort.preload_dlls()
     session = ort.InferenceSession(str(path), sess_options=options, providers=requested)
     if requested[0] != session.get_providers()[0]:
         log.warning("asked for %s, ONNX Runtime uses %s", requested[0], session.get_providers()[0])
+    log.info(
+        "%s: ONNX Runtime %s, providers available %s, used %s, %d threads",
+        path.name,
+        ort.__version__,
+        ",".join(ort.get_available_providers()),
+        ",".join(session.get_providers()),
+        options.intra_op_num_threads,
+    )
     return session

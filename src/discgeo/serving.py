@@ -73,6 +73,9 @@ class _ClientErrorTracebacks(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorTracebacks())
+# discgeo's own INFO lines (models and providers loaded, jobs, refusals) reach the service log; BentoML
+# leaves the root logger at WARNING
+logging.getLogger("discgeo").setLevel(logging.INFO)
 
 
 class BodyLimit:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from discgeo.config import Settings
-from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError
+from discgeo.errors import CorruptFileError, InvalidDataError, NotFoundError, UnsupportedFormatError
 from discgeo.io.nifti import _smallest_int
 from discgeo.volume import LPS_TO_RAS, Volume, check_finite, check_size
 
@@ -19,6 +18,12 @@ def read_mha(path: str | Path, *, settings: Settings | None = None, labels: bool
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{path} does not exist")
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # the service images leave it out: no service reads MetaImage
+        raise UnsupportedFormatError(
+            f"{path.name}: reading MetaImage/NRRD needs SimpleITK (pip install 'discgeo[itk]')"
+        ) from None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
