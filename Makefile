@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUILD ?= build
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup system-deps up down k8s-validate images base-image run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry reliability real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
+.PHONY: setup system-deps up down k8s-validate images base-image kube-play kube-down bench-containers run test test-fast lint typecheck format bench bench-quick bench-gateway bench-geometry reliability real-discs train-autoencoder seg-data train-segmenter loo-segmenter train-classifier clean
 
 setup: $(STAMP)
 
@@ -49,12 +49,25 @@ k8s-validate: setup
 # variants (VARIANTS=cpu for one), with podman or docker; on python:3.11-slim where a registry answers,
 # else on the Debian base of `make base-image`. Sizes: bench/results/images.{json,md}.
 VARIANTS ?= cpu gpu
-images: system-deps
-	python3 deploy/images.py $(foreach v,$(VARIANTS),--variant $(v))
+images: setup system-deps
+	$(PY) deploy/images.py $(foreach v,$(VARIANTS),--variant $(v))
+
+# The manifests on this host: deploy/k8s/overlays/local under `podman kube play` (deploy/kube.py), the
+# CPU images (make images VARIANTS=cpu first); kube-down removes its pods and volumes.
+kube-play: setup system-deps
+	$(PY) deploy/kube.py play
+
+kube-down: setup
+	$(PY) deploy/kube.py down
+
+# The containerised stack end to end (storescu -> gateway container -> SEG + SR in Orthanc, Prometheus
+# scraping the containers), start-to-ready per service and studies/min: bench/results/containers.*
+bench-containers: setup system-deps
+	$(PY) -m bench.containers
 
 # A Debian bookworm base image from Debian packages (mmdebstrap), for hosts without a registry.
-base-image: system-deps
-	python3 deploy/images.py --base-only
+base-image: setup system-deps
+	$(PY) deploy/images.py --base-only
 
 lint: setup
 	$(VENV)/bin/ruff check src tests services docs bench training deploy

@@ -70,7 +70,13 @@ def send_all(port: int, batch: list[list[Path]]) -> None:
         raise RuntimeError("storescu failed")
 
 
-def wait_done(url: str, batch: list[list[Path]], timeout: float = 1800) -> list[dict[str, Any]]:
+def wait_done(
+    url: str,
+    batch: list[list[Path]],
+    timeout: float = 1800,
+    final: tuple[str, ...] = ("done", "failed", "dead"),
+) -> list[dict[str, Any]]:
+    """The jobs of the batch's studies once every one is in a ``final`` state."""
     uids = [str(pydicom.dcmread(files[0]).StudyInstanceUID) for files in batch]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,7 +86,7 @@ def wait_done(url: str, batch: list[list[Path]], timeout: float = 1800) -> list[
                 f"{url}/gateway/jobs", params={"study": uid}, headers=client_headers("gateway"), timeout=30
             ).json()
             jobs.append(found[0] if found else {"state": "unknown"})
-        if all(j["state"] in ("done", "failed", "dead") for j in jobs):
+        if all(j["state"] in final for j in jobs):
             return jobs
         time.sleep(0.5)
     raise RuntimeError("studies not finished in time")

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from deploy import images
 
+from deploy import images
 from discgeo import realdata
 from discgeo.auth import bearer_header, new_token_file
 from discgeo.config import SOURCE_MODELS_DIR, Settings

@@ -5,6 +5,7 @@ kills, and the PHI audit; every goal must hold."""
 from __future__ import annotations
 
 import pytest
+
 from bench.corpus import corpus
 from bench.reliability import SERVER_ERROR, markdown, run
 

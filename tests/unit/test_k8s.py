@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+
 from deploy.k8s.validate import crd_problems, policy_problems, render, schema_problems, validate
 
 

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from training import real_discs
 
 from discgeo import realdata, reference
 from discgeo.phantom import LABEL_NOISE, make_truth
+from training import real_discs
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,10 @@ def test_segmenter_augmentation_workers_each_draw_their_own_transforms():
 
 def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypatch):
     import training.segmenter
-    from training.segmenter import _phantom_summary, average, compare, export, train
-
     from discgeo.phantom import make_case
     from discgeo.segmentation import Segmenter, dice_per_level
     from discgeo.volume import Volume
+    from training.segmenter import _phantom_summary, average, compare, export, train
 
     # four tiny "phantoms": a bright slab (the disc) in dark slices; two are kept for validation
     data = tmp_path / "data"
@@ -126,11 +125,11 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
 
 def test_autoencoder_training_and_float32_export_figures(tmp_path):
     import torch
-    from training.autoencoder import export, train
-    from training.torchrun import resolve_precision
 
     from discgeo.artifacts import load_artifact
     from discgeo.encoding import Encoder, iou
+    from training.autoencoder import export, train
+    from training.torchrun import resolve_precision
 
     # eight boxes of different sizes: six for training, one held-out phantom, one held-out "real"
     crops = np.zeros((8, 64, 64, 64), np.uint8)
@@ -221,9 +220,8 @@ def test_autoencoder_training_and_float32_export_figures(tmp_path):
 
 
 def test_real_case_scoring_leaves_levels_beyond_the_masks_out_of_the_headline():
-    from training.segmenter import SHARED, score_real_case
-
     from discgeo.io import read_labels
+    from training.segmenter import SHARED, score_real_case
 
     truth = read_labels(SHARED / "case-20_discs.nii.gz")
 
@@ -251,11 +249,10 @@ def test_segmenter_3d_configuration_prepares_trains_exports_and_segments(tmp_pat
     a 3D SwinUNETR-V2 (parity), 3D sliding-window inference through ONNX Runtime. The network is
     shrunk (feature size 12, 32 x 64 x 64 windows) and the volumes are tiny so that it runs in about a minute;
     the rest is the real recipe."""
-    from training import segmenter as seg
-
     from discgeo.phantom import make_case
     from discgeo.segmentation import Segmenter
     from discgeo.volume import Volume
+    from training import segmenter as seg
 
     monkeypatch.setitem(seg.CONFIGS, "gpu", {**seg.CONFIGS["gpu"], "feature_size": 12, "roi": (32, 64, 64)})
     case = make_case(5, 0)
@@ -297,6 +294,7 @@ def test_segmenter_data_reads_the_spider_layout(tmp_path, spider_dir, capsys):
     its grid: cached at 1 mm in-plane with the discs alone as foreground, disc volume kept; a mask
     without its image is reported; a root without any pair is refused."""
     import SimpleITK as sitk
+
     from training.segmenter import build_data
 
     mask = sitk.ReadImage(str(spider_dir / "masks" / "1_t1.mha"))

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_autoencoder_export_parity(tmp_path):
     import onnxruntime as ort
+
     from training.autoencoder import DiscDecoder, DiscEncoder, export_onnx
 
     torch.manual_seed(0)

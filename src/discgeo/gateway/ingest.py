@@ -294,7 +294,7 @@ def start_scp(ingest: Ingest, settings: GatewaySettings) -> Any:
             address = ipaddress.ip_address(client_address[0])
             if any(address in n for n in networks):
                 return True
-            log.warning("C-STORE connection from a source outside DISCGEO_GATEWAY_ALLOWED_SOURCES refused")
+            log.warning("C-STORE connection from %s refused: not in DISCGEO_GATEWAY_ALLOWED_SOURCES", address)
             return False
 
     ae = AE(ae_title=settings.ae_title)
