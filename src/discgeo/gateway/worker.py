@@ -158,7 +158,7 @@ class Gateway:
             )
         except RemoteStageError as exc:
             if exc.transient or exc.http_status >= 500:
-                state = self._retry(claim, exc.message, transient=exc.transient, not_before_s=exc.busy_for_s)
+                state = self._retry(claim, exc.message, transient=exc.transient, min_delay_s=exc.busy_for_s)
             else:
                 self.store.failed(claim, exc.message)
         except DiscgeoError as exc:
@@ -181,14 +181,14 @@ class Gateway:
         self.on_job_done(state)
         return state
 
-    def _retry(self, claim: Claim, reason: str, *, transient: bool, not_before_s: float = 0.0) -> str:
+    def _retry(self, claim: Claim, reason: str, *, transient: bool, min_delay_s: float = 0.0) -> str:
         state = self.store.retry_later(
             claim,
             reason,
             transient=transient,
             retry_s=self.config.retry_s,
             max_attempts=self.config.max_attempts,
-            min_delay_s=not_before_s,
+            min_delay_s=min_delay_s,
         )
         log.warning("job %s: %s -> %s", claim.job_id, reason, state)
         return state
