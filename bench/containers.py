@@ -61,8 +61,8 @@ def run(work: Path, count: int = 4) -> dict[str, Any]:
     with ExitStack() as stack:
         orthanc_url, orthanc_dicom = stack.enter_context(orthanc(work / "orthanc", gateway_port=DICOM_PORT))
         forward = f"dicom://ORTHANC@host.containers.internal:{orthanc_dicom}"
+        stack.callback(kube.down)  # also when the play fails half-way
         played = kube.play({"DISCGEO_GATEWAY_FORWARD": forward})
-        stack.callback(kube.down)
         results["kube"] = played
         targets = [f"127.0.0.1:{port}" for port in played["ports"].values()]
         prometheus_url = stack.enter_context(prometheus(work / "prometheus", targets))

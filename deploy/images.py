@@ -47,14 +47,24 @@ def image(name: str, variant: str) -> str:
     return f"localhost/discgeo/{name}:{version()}-{variant}"
 
 
+def available() -> str | None:
+    """The container engine that runs here: podman, else docker with a running engine, else None."""
+    if shutil.which("podman"):
+        return "podman"
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return "docker"
+    return None
+
+
 def engine() -> list[str]:
     """The container engine command: podman (with this repository's containers.conf unless the
-    environment names one) or docker; a clear error when neither runs."""
-    if shutil.which("podman"):
+    environment names one: runc and the host's ulimits, see that file) or docker; a clear error when
+    neither runs."""
+    found = available()
+    if found == "podman":
         os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "deploy" / "podman" / "containers.conf"))
-        return ["podman"]
-    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
-        return ["docker"]
+    if found:
+        return [found]
     raise SystemExit(
         "no container engine: install podman (Debian: apt-get install podman buildah runc catatonit "
         "mmdebstrap) or run a Docker engine"

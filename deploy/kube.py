@@ -40,6 +40,13 @@ TOKENS = ("stage.token", "gateway.token", "deployment.secret")
 NETWORK = "podman-default-kube-network"  # the bridge podman kube play puts pods on
 
 
+def podman() -> list[str]:
+    """podman (``kube play``, named-volume import and networks exist in podman only)."""
+    if images.engine() != ["podman"]:
+        raise SystemExit("make kube-play needs podman (apt-get install podman buildah runc catatonit)")
+    return ["podman"]
+
+
 def render() -> tuple[list[dict[str, Any]], list[str]]:
     """The local overlay's documents podman runs, and the ``Kind/name`` of those it cannot."""
     text = subprocess.run(
@@ -94,16 +101,16 @@ def ports(docs: list[dict[str, Any]]) -> dict[str, int]:
 
 def _volume(name: str, files: dict[str, tuple[bytes, int]]) -> None:
     """A podman named volume holding ``files`` (name -> (content, mode)), owned by UID 10001."""
-    podman = images.engine()
-    subprocess.run([*podman, "volume", "rm", "-f", name], capture_output=True)
-    subprocess.run([*podman, "volume", "create", name], check=True, capture_output=True)
+    engine = podman()
+    subprocess.run([*engine, "volume", "rm", "-f", name], capture_output=True)
+    subprocess.run([*engine, "volume", "create", name], check=True, capture_output=True)
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for path, (data, mode) in sorted(files.items()):
             info = tarfile.TarInfo(path)
             info.size, info.mode, info.uid, info.gid, info.mtime = len(data), mode, 10001, 10001, time.time()
             tar.addfile(info, io.BytesIO(data))
-    subprocess.run([*podman, "volume", "import", name, "-"], input=archive.getvalue(), check=True)
+    subprocess.run([*engine, "volume", "import", name, "-"], input=archive.getvalue(), check=True)
 
 
 def fill_volumes(models: Path = ROOT / "models") -> None:
@@ -163,7 +170,7 @@ def play(gateway_env: dict[str, str] | None = None) -> dict[str, Any]:
     PLAYED.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     fill_volumes()
     start = time.monotonic()
-    subprocess.run([*images.engine(), "kube", "play", str(PLAYED)], check=True)
+    subprocess.run([*podman(), "kube", "play", str(PLAYED)], check=True)
     service_ports = ports(docs)
     ready = wait_ready(service_ports)
     print(f"ready after (s): {json.dumps(ready)}", flush=True)
@@ -173,23 +180,23 @@ def play(gateway_env: dict[str, str] | None = None) -> dict[str, Any]:
 
 def bridge_subnet() -> str:
     """The subnet of podman's kube network (created here when it does not exist yet)."""
-    podman = images.engine()
-    if subprocess.run([*podman, "network", "exists", NETWORK]).returncode != 0:
-        subprocess.run([*podman, "network", "create", NETWORK], check=True, capture_output=True)
-    inspect = [*podman, "network", "inspect", NETWORK, "--format", "{{range .Subnets}}{{.Subnet}} {{end}}"]
+    engine = podman()
+    if subprocess.run([*engine, "network", "exists", NETWORK]).returncode != 0:
+        subprocess.run([*engine, "network", "create", NETWORK], check=True, capture_output=True)
+    inspect = [*engine, "network", "inspect", NETWORK, "--format", "{{range .Subnets}}{{.Subnet}} {{end}}"]
     subnets = subprocess.run(inspect, check=True, capture_output=True, text=True).stdout.split()
     return ",".join(subnets)
 
 
 def down() -> None:
     """Remove the pods, containers and volumes a previous :func:`play` created."""
-    podman = images.engine()
+    engine = podman()
     scratch = []
     if PLAYED.exists():
-        subprocess.run([*podman, "kube", "down", str(PLAYED)], capture_output=True)
+        subprocess.run([*engine, "kube", "down", str(PLAYED)], capture_output=True)
         scratch = empty_dirs([d for d in yaml.safe_load_all(PLAYED.read_text()) if d])
     for name in (*FILLED, *CREATED, *scratch):
-        subprocess.run([*podman, "volume", "rm", "-f", name], capture_output=True)
+        subprocess.run([*engine, "volume", "rm", "-f", name], capture_output=True)
 
 
 def main() -> None:

@@ -188,9 +188,13 @@ class RemoteStages:
                     raise RemoteStageError(f"the study's deadline passed before the {stage} call", 504)
             try:
                 response = send(timeout)
-            except httpx.TimeoutException:
+            except httpx.TimeoutException as exc:
+                # a request that reached the service may run there for the stage's whole timeout
+                started = not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
                 raise RemoteStageError(
-                    f"{stage} service did not answer within {timeout:.0f} s", 504, busy_for_s=timeout
+                    f"{stage} service did not answer within {timeout:.0f} s",
+                    504,
+                    busy_for_s=self.timeouts[stage] if started else 0.0,
                 ) from None
             except httpx.TransportError as exc:
                 if attempt == self.retries:

@@ -38,7 +38,7 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGR
     """CPUs this process may keep busy: its affinity mask, capped by the CPU quota of its cgroup or any
     ancestor (a container's ``resources.limits.cpu``), rounded down, at least 1. ONNX Runtime's
     default is the host's core count, which a quota throttles: 16 threads in a 2-CPU pod."""
-    cpus = len(os.sched_getaffinity(0))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
     return max(1, min(cpus, int(quota))) if quota is not None else cpus
 

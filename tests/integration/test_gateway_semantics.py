@@ -214,17 +214,27 @@ def test_a_timed_out_stage_is_not_called_again_while_it_may_still_be_busy(tmp_pa
         urls = ServiceURLs(segmenter=url, encoder=url, geometry=url, classifier=url)
         stages = lambda: RemoteStages(urls, timeouts_s={"segmenter": 1.5})  # noqa: E731
         with running(tmp_path, stages, max_attempts=2, workers=1) as gateway:
+            delays: list[float] = []
+            retry_later = gateway.store.retry_later
+
+            def recording(*args, **kwargs):
+                delays.append(kwargs["min_delay_s"])
+                return retry_later(*args, **kwargs)
+
+            gateway.store.retry_later = recording  # type: ignore[method-assign]
             assert _storescu(gateway, files).returncode == 0
             deadline = time.monotonic() + 30
             while not (job := _job(gateway, files))["error"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert job["state"] == "queued"
             assert "did not answer within 2 s" in job["error"] and len(arrivals) == 1  # no retry in the try
+            # the next try waits at least the stage's whole timeout: the abandoned call may run that long
+            assert delays == [1.5]
             not_before = gateway.store.db.execute("SELECT not_before FROM studies").fetchone()[0]
-            assert not_before - time.time() >= 1.0  # at least the timeout after it gave up
-            gateway.store.db.execute("UPDATE studies SET not_before=0")  # skip the rest of the backoff
+            assert not_before - time.time() >= 1.0
+            gateway.store.db.execute("UPDATE studies SET not_before=0")  # skip the backoff (test time)
             job = _wait(gateway, files, ("dead",), timeout=30)
-            assert job["error"].endswith("(after 2 attempts)") and len(arrivals) == 2
+            assert job["error"].endswith("(after 2 attempts)") and len(arrivals) == 2 and delays == [1.5, 1.5]
 
 
 def test_readiness_fails_while_a_worker_hangs_past_its_deadline(tmp_path, stages_factory, monkeypatch):

@@ -6,7 +6,6 @@ a CPU limit on the container sets ONNX Runtime's thread count."""
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,9 +26,7 @@ from discgeo.segmentation import Segmenter
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not shutil.which("podman") and not shutil.which("docker"), reason="no container engine (podman)"
-    ),
+    pytest.mark.skipif(images.available() is None, reason="no container engine (podman or a running docker)"),
 ]
 
 

@@ -145,7 +145,8 @@ def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, s
             tag = Tag(tag_for_keyword(keyword))
             data = text.encode() + b" " * (len(text) % 2)
             ds[tag] = RawDataElement(tag, vr, len(data), data, 0, False, True)
-        ds.OtherPatientNames = ["Other" * 40 + "^Name", "Short^Name"]
+        ds.OtherPatientNames = ["Other" * 40 + "^Name", "", "Short^Name"]  # an empty value among them
+        ds.PregnancyStatus = 4  # a binary number (US): copied as it is
         ds.PatientComments = "kept as it is"
         target = tmp_path / "in" / path.name
         target.parent.mkdir(exist_ok=True)
@@ -167,8 +168,9 @@ def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, s
     assert len(sr.AccessionNumber) <= 16 and sr.SpecificCharacterSet == "ISO_IR 192"
     assert "PatientWeight" not in sr and "PatientBirthTime" not in sr and sr.PatientAge == "045Y"
     assert float(sr.PatientSize) == pytest.approx(1.8123456789) and len(str(sr.PatientSize)) <= 16
-    assert [len(str(n)) <= 64 for n in sr.OtherPatientNames] == [True, True]
-    assert str(sr.OtherPatientNames[1]) == "Short^Name" and sr.PatientComments == "kept as it is"
+    assert [len(str(n)) <= 64 for n in sr.OtherPatientNames] == [True, True, True]
+    assert str(sr.OtherPatientNames[2]) == "Short^Name" and sr.PatientComments == "kept as it is"
+    assert sr.PregnancyStatus == 4 and not any(w.startswith("PregnancyStatus") for w in warnings)
     for keyword in ("PatientWeight", "PatientSize", "PatientAge", "PatientBirthTime", "OtherPatientNames"):
         assert any(w.startswith(keyword) for w in warnings), keyword
     assert not any(w.startswith("PatientComments") for w in warnings)

@@ -329,7 +329,7 @@ class JobStore:
             else:
                 dead = claim.attempt >= max_attempts
                 attempts_sql = "attempts=attempts"
-                delay = max(min_delay_s, min(300.0, 10.0 * 2.0 ** (claim.attempt - 1)))
+                delay = min(300.0, 10.0 * 2.0 ** (claim.attempt - 1))
             state = "dead" if dead else "queued"
             error = (
                 f"{reason} (for {now - first:.0f} s)"

@@ -124,6 +124,7 @@ class Gateway:
                 return  # the PACS is down: do not hammer it with the rest of the outbox
             self.store.forwarded(key, revision)
             self.on_job_done("forwarded")
+            self._beat()  # a long outbox must not read as a stuck scheduler
 
     # ------------------------------------------------------------------------------------ workers
     def _work(self) -> None:

@@ -24,6 +24,10 @@ from pydicom.valuerep import format_number_as_ds, validate_value
 
 # the information entities whose root attributes highdicom copies into the SEG and SR
 COPIED_IES = ("Patient", "Study")
+# the VRs whose values are text in a header (binary numbers such as US or FD are copied as they are)
+TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 # maximum value lengths (PS3.5 table 6.2-1) where a cut keeps the meaning
 MAX_LENGTH = {"AE": 16, "CS": 16, "LO": 64, "LT": 10240, "SH": 16, "ST": 1024, "UC": 10**6, "PN": 64}
 SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
@@ -110,11 +114,11 @@ def _conform_value(keyword: str, vr: str, raw: str) -> tuple[str | None, str]:
         return (fixed, "normalised") if fixed else (None, "dropped (not M, F or O)")
     if vr == "PN":  # keep every component, shorten the longest ones (alphabetic group only)
         components = raw.split("=")[0].split("^")
-        while len("^".join(components)) > 64:
+        while len("^".join(components)) > MAX_LENGTH["PN"]:
             longest = max(range(len(components)), key=lambda i: len(components[i]))
-            excess = len("^".join(components)) - 64
+            excess = len("^".join(components)) - MAX_LENGTH["PN"]
             components[longest] = components[longest][: max(1, len(components[longest]) - excess)]
-        fixed, what = "^".join(components), "cut to 64 characters"
+        fixed, what = "^".join(components), f"cut to {MAX_LENGTH['PN']} characters"
     elif vr in MAX_LENGTH and len(raw) > MAX_LENGTH[vr]:
         fixed, what = raw[: MAX_LENGTH[vr]].strip(), f"cut to {MAX_LENGTH[vr]} characters"
     else:
@@ -157,19 +161,19 @@ def conform_sources(sources: Sequence[Dataset]) -> tuple[list[Dataset], list[str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns with the value itself
             for keyword in copied_keywords(ds.SOPClassUID):
-                if keyword not in ds or ds[keyword].VR == "SQ" or ds[keyword].value in (None, ""):
+                if keyword not in ds or ds[keyword].VR not in TEXT_VRS or ds[keyword].value in (None, ""):
                     continue
                 element = ds[keyword]
                 values = list(element.value) if isinstance(element.value, MultiValue) else [element.value]
                 results = [_conform_value(keyword, element.VR, str(v)) for v in values]
-                kept = [value for value, _ in results if value]
+                kept = [value for value, _ in results if value is not None]  # "" stays an empty value
                 if kept == [str(v) for v in values]:
                     continue
                 if kept:
                     setattr(fixed, keyword, kept if len(kept) > 1 else kept[0])
                 else:
                     del fixed[keyword]
-                changed[keyword] = next(what for value, what in results if what != "kept")
+                changed[keyword] = next((what for _, what in results if what != "kept"), "normalised")
         if "SpecificCharacterSet" in changed or "SpecificCharacterSet" in fixed:
             fixed.SpecificCharacterSet = "ISO_IR 192"
         out.append(fixed)
