@@ -115,14 +115,12 @@ def _volume(name: str, files: dict[str, tuple[bytes, int]]) -> None:
 
 def fill_volumes(models: Path = ROOT / "models") -> None:
     """The models (read-only artifacts) and the tokens (created once under build/kube/tokens)."""
-    import secrets
+    from discgeo.auth import new_token_file
 
     folder = BUILD / "tokens"
-    folder.mkdir(parents=True, exist_ok=True)
     for name in TOKENS:
         if not (folder / name).exists():
-            (folder / name).write_text(secrets.token_urlsafe(32) + "\n")
-            (folder / name).chmod(0o600)
+            new_token_file(folder / name)
     tokens = {name: ((folder / name).read_bytes(), 0o400) for name in TOKENS}
     _volume("discgeo-tokens", tokens)
     _volume("discgeo-stage-token", {"stage.token": tokens["stage.token"]})
