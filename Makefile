@@ -27,7 +27,7 @@ run: setup
 	$(VENV)/bin/discgeo run $(BUILD)/sample/case-0000/dicom --out $(BUILD)/sample-results
 
 # Debian tools the integration tests use (installed when running as root, e.g. in CI).
-SYSTEM_PACKAGES := dicom3tools dcmtk orthanc prometheus podman buildah runc catatonit mmdebstrap
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc prometheus postgresql podman buildah runc catatonit mmdebstrap
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

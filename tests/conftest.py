@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -107,3 +108,23 @@ def stage_auth(service_tokens) -> dict[str, str]:
 def gateway_auth(service_tokens) -> dict[str, str]:
     """The Authorization header the gateway's API accepts."""
     return bearer_header(Path(service_tokens["DISCGEO_GATEWAY_TOKENS_FILE"]), "gateway token")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the tests (Debian package ``postgresql``; required in CI)."""
+    import shutil
+    import tempfile
+
+    from discgeo.local import postgres
+
+    if not Path("/usr/lib/postgresql").is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not installed (make system-deps)")
+        pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="discgeo-pg-"))  # reachable by the postgres user
+    try:
+        with postgres(folder) as url:
+            yield url
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

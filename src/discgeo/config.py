@@ -168,6 +168,7 @@ class Settings:
                 retention_days=as_float("GATEWAY_RETENTION_DAYS", GatewaySettings.retention_days),
                 tokens_file=as_path("GATEWAY_TOKENS_FILE"),
                 secret_file=as_path("GATEWAY_SECRET_FILE"),
+                database=get("GATEWAY_DATABASE"),
             ),
         )
 
@@ -203,6 +204,9 @@ class GatewaySettings:
     ``tokens_file``: bearer tokens (one per line) accepted by the HTTP API (required).
     ``secret_file``: the deployment secret for hashed keys and the device UID (default:
     ``<data>/secret``, created on first start).
+    ``database``: a PostgreSQL URL (``postgresql://user@host:5432/db``; the password from libpq's
+    ``PGPASSWORD`` or ``PGPASSFILE``) for a job store shared by several gateway replicas, whose
+    ``data_dir`` must then be the same shared folder; unset: SQLite in ``data_dir``, one process.
     """
 
     data_dir: Path | None = None
@@ -223,6 +227,7 @@ class GatewaySettings:
     retention_days: float = 30.0
     tokens_file: Path | None = None
     secret_file: Path | None = None
+    database: str | None = None
 
     def data(self) -> Path:
         if self.data_dir is None:

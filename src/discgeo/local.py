@@ -253,6 +253,81 @@ def prometheus(folder: Path, targets: list[str], *, interval_s: float = 1.0) -> 
         _stop(process)
 
 
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; `make system-deps`)")
+    return found[-1].parent
+
+
+@contextmanager
+def postgres(folder: Path, *, port: int | None = None) -> Iterator[str]:
+    """Run a throw-away PostgreSQL server (Debian package) on 127.0.0.1 with trust authentication;
+    yield the URL of its ``postgres`` database as user ``discgeo``. PostgreSQL refuses to run as
+    root, so as root it runs as the package's ``postgres`` user (``folder`` must be reachable by it:
+    not under a private temporary folder)."""
+    bindir = _postgres_bin()
+    folder.mkdir(parents=True, exist_ok=True)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = folder / "data"
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", "discgeo", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
+    port = port or free_port()
+    process = _spawn(
+        # fsync off: a test server's durability is not under test, its speed is
+        [
+            *as_user,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-k",
+            str(folder),
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ],
+        cwd=folder,
+        env={},
+        log=folder / "postgres.log",
+    )
+    url = f"postgresql://discgeo@127.0.0.1:{port}/postgres"
+    try:
+        import psycopg
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(url, connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start (log beside {folder})") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        _stop(process)
+
+
+def new_database(server_url: str, name: str) -> str:
+    """Create the database ``name`` on the server of ``server_url``; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
 @contextmanager
 def pipeline_services(
     root: Path,

@@ -230,9 +230,9 @@ def test_a_timed_out_stage_is_not_called_again_while_it_may_still_be_busy(tmp_pa
             assert "did not answer within 2 s" in job["error"] and len(arrivals) == 1  # no retry in the try
             # the next try waits at least the stage's whole timeout: the abandoned call may run that long
             assert delays == [1.5]
-            not_before = gateway.store.db.execute("SELECT not_before FROM studies").fetchone()[0]
+            not_before = gateway.store.sql("SELECT not_before FROM studies")[0][0]
             assert not_before - time.time() >= 1.0
-            gateway.store.db.execute("UPDATE studies SET not_before=0")  # skip the backoff (test time)
+            gateway.store.sql("UPDATE studies SET not_before=0")  # skip the backoff (test time)
             job = _wait(gateway, files, ("dead",), timeout=30)
             assert job["error"].endswith("(after 2 attempts)") and len(arrivals) == 2 and delays == [1.5, 1.5]
 
@@ -282,7 +282,7 @@ def test_results_reach_the_pacs_exactly_once_through_an_outage(tmp_path, stages_
         time.sleep(2.0)  # the PACS is down: the results wait in the outbox, nothing is lost
         job = _job(gateway, files)
         assert job["state"] == "results_ready" and job["forward_attempts"] >= 1 and job["forward_error"]
-        gateway.store.db.execute("UPDATE outbox SET not_before=0")  # skip the rest of the backoff
+        gateway.store.sql("UPDATE outbox SET not_before=0")  # skip the rest of the backoff
         with orthanc(tmp_path / "orthanc", gateway_port=gateway.config.dicom_port, dicom_port=pacs_port) as (
             url,
             _,
@@ -290,7 +290,7 @@ def test_results_reach_the_pacs_exactly_once_through_an_outage(tmp_path, stages_
             job = _wait(gateway, files, ("forwarded",), timeout=60)
             assert gateway.store.force(job["job_id"])  # a reprocess with the same models and input
             _wait(gateway, files, ("results_ready", "processing", "queued"), timeout=10)
-            gateway.store.db.execute("UPDATE outbox SET not_before=0")
+            gateway.store.sql("UPDATE outbox SET not_before=0")
             job = _wait(gateway, files, ("forwarded",), timeout=60)
             studies = httpx.get(f"{url}/studies", timeout=10).json()
             assert len(studies) == 1

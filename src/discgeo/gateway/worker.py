@@ -28,6 +28,8 @@ log = logging.getLogger("discgeo.gateway")
 
 POLL_S = 0.5
 HEARTBEAT_LIMIT_S = 30.0
+REPLICA_BEAT_S = 5.0  # the replica's beat in the job store (stale after store.REPLICA_STALE_S)
+RECOVER_EVERY_S = 10.0  # how often claims of replicas gone or leases run out are taken back
 EXPIRE_EVERY_S = 3600.0
 
 
@@ -39,7 +41,13 @@ class Gateway:
         self.config = settings.gateway
         data = self.config.data()
         secret = load_secret(self.config.secret_file or data / "secret")
-        self.store = JobStore(data, secret)
+        self.store = JobStore(
+            data,
+            secret,
+            database=self.config.database,
+            lease_s=self.config.study_timeout_s + HEARTBEAT_LIMIT_S,
+            connections=self.config.workers + 8,  # workers, scheduler, HTTP and C-STORE threads
+        )
         self.ingest = Ingest(self.store)
         self.device_uid = device_uid(settings.device_uid, secret=secret)
         self.stages_factory = stages_factory
@@ -54,7 +62,7 @@ class Gateway:
     # ---------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Recover interrupted studies, start the workers, the scheduler and the C-STORE listener."""
-        self.store.recover(self.config.max_attempts)
+        self.store.recover(self.config.max_attempts, startup=True)
         for i in range(self.config.workers):
             self._threads.append(threading.Thread(target=self._work, name=f"discgeo-worker-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._schedule, name="discgeo-scheduler", daemon=True))
@@ -78,6 +86,7 @@ class Gateway:
             self._scp.shutdown()
         for thread in self._threads:
             thread.join(timeout=30)
+        self.store.close()
 
     def ready(self) -> bool:
         """Ready while every worker and the scheduler live and beat in time (a worker hung past its
@@ -93,15 +102,25 @@ class Gateway:
 
     # ---------------------------------------------------------------------------------- scheduler
     def _schedule(self) -> None:
-        last_expiry = 0.0
+        last = {"beat": time.monotonic(), "recover": time.monotonic(), "expire": 0.0}
+
+        def due(what: str, every_s: float) -> bool:
+            if time.monotonic() - last[what] < every_s:
+                return False
+            last[what] = time.monotonic()
+            return True
+
         while not self._stop.is_set():
             try:
+                if due("beat", REPLICA_BEAT_S):
+                    self.store.beat()
+                if due("recover", RECOVER_EVERY_S):
+                    self.store.recover(self.config.max_attempts)
                 self.store.promote(self.config.idle_s, self.config.stable_s)
                 if self.config.forward:
                     self._forward_pending()
-                if time.monotonic() - last_expiry > EXPIRE_EVERY_S:
+                if due("expire", EXPIRE_EVERY_S):
                     self.store.expire(self.config.retention_days)
-                    last_expiry = time.monotonic()
                 self._beat()
             except Exception:  # the scheduler must keep beating; readiness shows if it cannot
                 log.exception("scheduler step failed")
@@ -109,7 +128,8 @@ class Gateway:
 
     def _forward_pending(self) -> None:
         assert self.config.forward is not None
-        for key, revision, attempts in self.store.pending_outbox():
+        while (taken := self.store.claim_outbox()) is not None:
+            key, revision, attempts = taken
             folder = self.store.results_dir(key, revision)
             try:
                 forward(
@@ -131,14 +151,18 @@ class Gateway:
         stages: Stages | None = None
         while not self._stop.is_set():
             self._beat()
-            claim = self.store.claim()
-            if claim is None:
+            try:
+                claim = self.store.claim()
+                if claim is None:
+                    self._stop.wait(POLL_S)
+                    continue
+                self._beat(busy=True)
+                if stages is None:
+                    stages = self.stages_factory()
+                self.process(claim, stages)
+            except Exception:  # the job store is unreachable: keep trying; a claim held is leased
+                log.exception("worker step failed")
                 self._stop.wait(POLL_S)
-                continue
-            self._beat(busy=True)
-            if stages is None:
-                stages = self.stages_factory()
-            self.process(claim, stages)
 
     def process(self, claim: Claim, stages: Stages) -> str:
         """Run the pipeline on one claimed study and record the outcome; returns the new state."""
@@ -170,7 +194,9 @@ class Gateway:
             state = self._retry(claim, f"internal error: {type(exc).__name__}", transient=False)
         else:
             forward_it = bool(self.config.forward) and "seg" in processed.files
-            self.store.succeeded(claim, forward=forward_it, warnings=processed.result.warnings)
+            if not self.store.succeeded(claim, forward=forward_it, warnings=processed.result.warnings):
+                self.on_job_done("superseded")
+                return "superseded"
             state = "results_ready" if forward_it else "done"
             log.info(
                 "job %s revision %d: %d discs in %.1f s",
