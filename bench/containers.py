@@ -89,7 +89,12 @@ def markdown(results: dict[str, Any]) -> str:
     kube_run, batch = results["kube"], results["studies"]
     embedded = json.loads((ROOT / "bench" / "results" / "gateway.json").read_text())
     same = next(
-        (r for r in embedded["throughput"] if r["studies"] == batch["count"] and r["workers"] == 2), None
+        (
+            r
+            for r in embedded["throughput"]
+            if r["studies"] == batch["count"] and r["workers"] == 2 and r["replicas"] == 1
+        ),
+        None,
     )
     lines = [
         "# The containerised stack",

@@ -1,7 +1,7 @@
 """The gateway under load, with the four stage services and the shipped models (real ``bentoml serve``
 processes on loopback): studies per minute with K = 1, 2 and 4 workers for four studies sent at once,
-the drain time of ten concurrent studies, and the gateway's peak memory and probe latency while it
-receives a 300 MB STOW-RS body.
+the drain time of ten concurrent studies, two replicas over one PostgreSQL job store against one on
+SQLite, and the gateway's peak memory and probe latency while it receives a 300 MB STOW-RS body.
 
     python -m bench.gateway            # writes bench/results/gateway.{json,md}  (make bench-gateway)
 
@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from discgeo.local import (
     bentoml_service,
     client_headers,
     free_port,
+    new_database,
     pipeline_services,
+    postgres,
     service_memory_mib,
 )
 from discgeo.volume import Volume
@@ -52,21 +55,31 @@ def studies(folder: Path, count: int, prefix: str) -> list[list[Path]]:
     return [write_dicom_series(image, folder / f"{prefix}-{i}", tags=t) for i, t in enumerate(tags)]
 
 
-def send_studies(port: int, batch: list[list[Path]]) -> list[int]:
-    """One ``storescu`` process per study, all at once; their exit codes."""
+def send_studies(ports: int | list[int], batch: list[list[Path]]) -> list[int]:
+    """One ``storescu`` process per study, all at once (to the ``ports`` in turn); their exit codes."""
+    ports = [ports] if isinstance(ports, int) else ports
     processes = [
         subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", "DISCGEO", "127.0.0.1", str(port), *map(str, files)],
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "DISCGEO",
+                "127.0.0.1",
+                str(ports[i % len(ports)]),
+                *map(str, files),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for files in batch
+        for i, files in enumerate(batch)
     ]
     return [p.wait() for p in processes]
 
 
-def send_all(port: int, batch: list[list[Path]]) -> None:
-    if any(send_studies(port, batch)):
+def send_all(ports: int | list[int], batch: list[list[Path]]) -> None:
+    if any(send_studies(ports, batch)):
         raise RuntimeError("storescu failed")
 
 
@@ -92,26 +105,48 @@ def wait_done(
     raise RuntimeError("studies not finished in time")
 
 
-def run_batch(urls: dict[str, str], root: Path, batch: list[list[Path]], workers: int) -> dict[str, Any]:
-    port = free_port()
+def run_batch(
+    urls: dict[str, str],
+    root: Path,
+    batch: list[list[Path]],
+    workers: int,
+    *,
+    replicas: int = 1,
+    database: str | None = None,
+) -> dict[str, Any]:
+    """``batch`` sent at once to ``replicas`` gateways (the studies dealt out in turn) of ``workers``
+    each, sharing one data folder and the PostgreSQL ``database`` (else SQLite: one replica)."""
+    name = f"{replicas}x{workers}-{len(batch)}"
+    ports = [free_port() for _ in range(replicas)]
     env = {
-        "DISCGEO_GATEWAY_DATA": str(root / f"data-{workers}-{len(batch)}"),
-        "DISCGEO_GATEWAY_DICOM_PORT": str(port),
+        "DISCGEO_GATEWAY_DATA": str(root / f"data-{name}"),
         "DISCGEO_GATEWAY_ALLOWED_AES": "STORESCU",
         "DISCGEO_GATEWAY_IDLE_S": "1",
         "DISCGEO_GATEWAY_WORKERS": str(workers),
+        **({"DISCGEO_GATEWAY_DATABASE": database} if database else {}),
         **{f"DISCGEO_{n.upper()}_URL": u for n, u in urls.items()},
     }
-    with bentoml_service(
-        "service.py:Gateway", SERVICES / "gateway", root / f"gw-{workers}-{len(batch)}", env=env
-    ) as url:
+    with ExitStack() as stack:
+        gateways = [
+            stack.enter_context(
+                bentoml_service(
+                    "service.py:Gateway",
+                    SERVICES / "gateway",
+                    root / f"gw-{name}-{i}",
+                    env={**env, "DISCGEO_GATEWAY_DICOM_PORT": str(port)},
+                )
+            )
+            for i, port in enumerate(ports)
+        ]
         start = time.perf_counter()
-        send_all(port, batch)
+        send_all(ports, batch)
         received = time.perf_counter() - start
-        jobs = wait_done(url, batch)
+        jobs = wait_done(gateways[0], batch)
         total = time.perf_counter() - start
     states = [j["state"] for j in jobs]
     return {
+        "replicas": replicas,
+        "store": "PostgreSQL" if database else "SQLite",
         "workers": workers,
         "studies": len(batch),
         "received_s": round(received, 1),
@@ -205,14 +240,20 @@ def markdown(results: dict[str, Any]) -> str:
         "(221 x 221 x 67) as DICOM with distinct UIDs, sent by one `storescu` per study; the four stage",
         "services with the shipped models on the same cores.",
         "",
-        "| workers K | studies sent at once | all received (s) | drained (s) | studies / min | outcomes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| gateways x workers K | job store | studies sent at once | all received (s) | drained (s) "
+        "| studies / min | outcomes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["throughput"]:
         lines.append(
-            f"| {row['workers']} | {row['studies']} | {row['received_s']} | {row['drain_s']} | "
-            f"{row['studies_per_min']} | {row['states']} |"
+            f"| {row['replicas']} x {row['workers']} | {row['store']} | {row['studies']} "
+            f"| {row['received_s']} | {row['drain_s']} | {row['studies_per_min']} | {row['states']} |"
         )
+    lines += [
+        "",
+        "Two gateways share one PostgreSQL job store (a local server, `discgeo.local.postgres`) and one",
+        "data folder, the studies dealt out to them in turn; each study is processed once either way.",
+    ]
     big = results["big_stow"]
     lines += [
         "",
@@ -238,11 +279,15 @@ def main() -> None:
         root = Path(tmp)
         four = studies(root / "studies", 4, "four")
         ten = studies(root / "studies", 10, "ten")
-        with pipeline_services(root / "services") as urls:
+        with pipeline_services(root / "services") as urls, postgres() as server:
             results["throughput"] = []
-            for workers, batch in ((1, four), (2, four), (4, four), (2, ten)):
-                # fresh UIDs per run: each run's gateway has its own data folder
-                row = run_batch(urls, root, batch, workers)
+            runs = [(1, 1, four), (1, 2, four), (1, 4, four), (1, 2, ten), (2, 1, four), (2, 2, ten)]
+            for replicas, workers, batch in runs:
+                # fresh UIDs per run: each run's gateways have their own data folder and database
+                database = (
+                    new_database(server, f"bench_{replicas}x{workers}_{len(batch)}") if replicas > 1 else None
+                )
+                row = run_batch(urls, root, batch, workers, replicas=replicas, database=database)
                 print(json.dumps(row), flush=True)
                 results["throughput"].append(row)
             results["big_stow"] = big_stow(urls, root, args.stow_mb)

@@ -113,18 +113,11 @@ def gateway_auth(service_tokens) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """A PostgreSQL server for the tests (Debian package ``postgresql``; required in CI)."""
-    import shutil
-    import tempfile
-
     from discgeo.local import postgres
 
     if not Path("/usr/lib/postgresql").is_dir():
         if os.environ.get("CI") == "true":
             pytest.fail("PostgreSQL is not installed (make system-deps)")
         pytest.skip("PostgreSQL is not installed (Debian package postgresql)")
-    folder = Path(tempfile.mkdtemp(prefix="discgeo-pg-"))  # reachable by the postgres user
-    try:
-        with postgres(folder) as url:
-            yield url
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with postgres() as url:
+        yield url

@@ -517,9 +517,18 @@ def export_onnx(
     }
 
 
-def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None = None) -> dict[str, Any]:
-    """Export the last checkpoint, check parity with torch, write metadata.json (and the learning
-    curve to ``curve`` when given)."""
+def export(
+    run: Path,
+    out: Path,
+    *,
+    data: Path | None = None,
+    curve: Path | None = None,
+    sweep_table: Path | None = SWEEP_TABLE,
+    healthy_discs: bool = True,
+) -> dict[str, Any]:
+    """Export the last checkpoint, check parity with torch, write metadata.json (with the bottleneck
+    table ``sweep_table`` when it exists, and with ``healthy_discs`` the figures on the 145 real healthy
+    discs), and the learning curve to ``curve`` when given."""
     from discgeo.artifacts import write_artifact
 
     state = torch.load(run / "last.pt", weights_only=False, map_location="cpu")
@@ -604,10 +613,10 @@ def export(run: Path, out: Path, *, data: Path | None = None, curve: Path | None
             "history_tail": history[-5:],
         },
     }
-    if SWEEP_TABLE.exists():  # the bottleneck comparison travels with the model it informed
-        metadata["metrics"]["bottleneck_sweep"] = json.loads(SWEEP_TABLE.read_text())
+    if sweep_table is not None and sweep_table.exists():  # the comparison travels with the model it informed
+        metadata["metrics"]["bottleneck_sweep"] = json.loads(sweep_table.read_text())
     write_artifact(out, metadata)
-    if data is not None:  # through the inference path (ONNX Runtime): what the pipeline will report
+    if data is not None and healthy_discs:  # through the inference path (ONNX Runtime), as the pipeline
         from discgeo.analysis import healthy_real_discs
         from discgeo.artifacts import record_metric
         from discgeo.encoding import Encoder

@@ -109,9 +109,11 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 # -------------------------------------------------------------------------------------------- data
-def _prepare(
+def prepare(
     image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], config: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """A training volume at the configuration's spacing: the image normalised (float16) and the disc
+    mask resampled with its volume kept (uint8)."""
     target = config["spacing"]
     x = resample(normalise(image), spacing, target)
     y = binarise(resample((labels > 0).astype(np.float32), spacing, target))  # disc volume kept
@@ -123,7 +125,7 @@ def _write_phantom(out: Path, seed: int, config_name: str, case: int) -> dict[st
 
     c = make_case(seed, case)
     discs = np.where(c.labels.array > 200, 1, 0)
-    x, y = _prepare(c.image.array, discs, c.image.spacing, CONFIGS[config_name])
+    x, y = prepare(c.image.array, discs, c.image.spacing, CONFIGS[config_name])
     name = f"phantom-{seed}-{case}"
     np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
     return {"name": name, "source": "phantom", "contrast": c.truth["contrast"]}
@@ -146,7 +148,7 @@ def build_data(
     for case in REAL_CASES:
         image = read_volume(SHARED / f"{case}.nii.gz")
         labels = read_labels(SHARED / f"{case}_discs.nii.gz")
-        x, y = _prepare(image.array, labels.array, image.spacing, config)
+        x, y = prepare(image.array, labels.array, image.spacing, config)
         np.savez_compressed(out / f"{case}.npz", image=x, labels=y)
         index.append({"name": case, "source": "real-t2"})
     if spider is not None:
@@ -160,7 +162,7 @@ def build_data(
         for mask_path, image_path in tqdm(pairs, desc="SPIDER", unit="series"):
             image = read_volume(image_path)
             labels = read_labels(mask_path)
-            x, y = _prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
+            x, y = prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
             np.savez_compressed(out / f"spider-{mask_path.stem}.npz", image=x, labels=y)
             index.append({"name": f"spider-{mask_path.stem}", "source": "spider"})
     summary = {"config": config_name, "seed": seed, "cases": index}
@@ -177,10 +179,13 @@ def _load(data: Path, names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _split(index: dict[str, Any], exclude: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """Training and validation names: a tenth of the phantoms (at least 2) validate, or of the SPIDER
+    series when there are no phantoms (``training.reproduce``: SPIDER's training subset alone)."""
     names = [c["name"] for c in index["cases"] if c["name"] not in exclude]
-    phantoms = [n for n in names if n.startswith("phantom")]
+    source = {c["name"]: c["source"] for c in index["cases"]}
+    pool = [n for n in names if source[n] == "phantom"] or [n for n in names if source[n] == "spider"]
     rng = np.random.default_rng(seed)
-    validation = sorted(rng.choice(phantoms, size=max(2, len(phantoms) // 10), replace=False).tolist())
+    validation = sorted(rng.choice(pool, size=max(2, len(pool) // 10), replace=False).tolist())
     return [n for n in names if n not in validation], validation
 
 

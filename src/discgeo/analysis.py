@@ -270,12 +270,26 @@ def operating_threshold(y: np.ndarray, p: np.ndarray, *, specificity: float = SP
 
 
 def cross_validate(
-    table: FeatureTable, names: Sequence[str], *, model: str = "boosting", folds: int = 5, seed: int = 0
+    table: FeatureTable,
+    names: Sequence[str],
+    *,
+    model: str = "boosting",
+    folds: int = 5,
+    seed: int = 0,
+    grouped: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold probabilities and labels, stratified and grouped by patient. Each fold's decision
     threshold is the :data:`SPECIFICITY_TARGET` operating point of an inner 3-fold patient-grouped
-    cross-validation of its training patients, so the test fold never informs it."""
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, cross_val_predict
+    cross-validation of its training patients, so the test fold never informs it. ``grouped=False``
+    splits discs, not patients (the reference study's protocol: a patient's other discs are seen in
+    training, which :mod:`training.reproduce` measures as leakage)."""
+    from sklearn.model_selection import (
+        GroupKFold,
+        KFold,
+        StratifiedGroupKFold,
+        StratifiedKFold,
+        cross_val_predict,
+    )
 
     x, y = table.matrix(names), table.y
     groups = np.asarray(table.patients)
@@ -286,9 +300,11 @@ def cross_validate(
         )
     probabilities = np.zeros(len(y))
     predicted = np.zeros(len(y), dtype=int)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splitter = (StratifiedGroupKFold if grouped else StratifiedKFold)(
+        n_splits=folds, shuffle=True, random_state=seed
+    )
     for train, test in splitter.split(x, y, groups):
-        assert not set(groups[train]) & set(groups[test])
+        assert not grouped or not set(groups[train]) & set(groups[test])
         estimator = make_model(model, seed=seed).fit(x[train], y[train])
         probabilities[test] = estimator.predict_proba(x[test])[:, 1]
         inner = cross_val_predict(
@@ -296,7 +312,7 @@ def cross_validate(
             x[train],
             y[train],
             groups=groups[train],
-            cv=GroupKFold(n_splits=3),
+            cv=GroupKFold(n_splits=3) if grouped else KFold(n_splits=3, shuffle=True, random_state=seed),
             method="predict_proba",
         )[:, 1]
         predicted[test] = (probabilities[test] >= operating_threshold(y[train], inner)).astype(int)
@@ -314,7 +330,8 @@ def _metrics() -> dict[str, Any]:
     }
 
 
-def _patient_resamples(groups: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+def patient_resamples(groups: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` bootstrap resamples of whole patients (row indices): a patient's rows are drawn together."""
     rng = np.random.default_rng(seed)
     patients = np.unique(groups)
     rows = {g: np.flatnonzero(groups == g) for g in patients}
@@ -330,7 +347,7 @@ def bootstrap_ci(
     """AUC, sensitivity, specificity and F1 with 95 % CIs from a patient-level bootstrap."""
     metrics = _metrics()
     samples: dict[str, list[float]] = {k: [] for k in metrics}
-    for index in _patient_resamples(groups, n, seed):
+    for index in patient_resamples(groups, n, seed):
         if len(np.unique(y[index])) < 2:
             continue
         for name, fn in metrics.items():
@@ -352,7 +369,7 @@ def paired_auc_differences(
     names = list(probabilities)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     samples: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
-    for index in _patient_resamples(groups, n, seed):
+    for index in patient_resamples(groups, n, seed):
         if len(np.unique(y[index])) < 2:
             continue
         auc = {k: roc_auc_score(y[index], v[index]) for k, v in probabilities.items()}

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -261,11 +262,19 @@ def _postgres_bin() -> Path:
 
 
 @contextmanager
-def postgres(folder: Path, *, port: int | None = None) -> Iterator[str]:
+def postgres(folder: Path | None = None, *, port: int | None = None) -> Iterator[str]:
     """Run a throw-away PostgreSQL server (Debian package) on 127.0.0.1 with trust authentication;
     yield the URL of its ``postgres`` database as user ``discgeo``. PostgreSQL refuses to run as
     root, so as root it runs as the package's ``postgres`` user (``folder`` must be reachable by it:
-    not under a private temporary folder)."""
+    not under a private temporary folder). Without ``folder``, a temporary one, removed afterwards."""
+    if folder is None:
+        temporary = Path(tempfile.mkdtemp(prefix="discgeo-pg-"))  # under /tmp: reachable by postgres
+        try:
+            with postgres(temporary, port=port) as url:
+                yield url
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return
     bindir = _postgres_bin()
     folder.mkdir(parents=True, exist_ok=True)
     as_user: list[str] = []

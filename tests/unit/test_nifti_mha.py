@@ -63,3 +63,13 @@ def test_mha_geometry_matches_nifti(tmp_path):
     b = read_volume(tmp_path / "l.mha", labels=True)
     assert np.array_equal(a.array, b.array)
     assert np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def test_mha_roundtrip_keeps_voxels_and_an_oblique_affine(tmp_path):
+    from discgeo.io import write_mha
+
+    case = make_case(3, 0, spacing=(3.3, 0.6, 0.6), rotation_deg=(15.0, 0.0, 5.0))
+    write_mha(case.labels, tmp_path / "l.mha")
+    back = read_volume(tmp_path / "l.mha", labels=True)
+    assert np.array_equal(back.array, case.labels.array)
+    assert np.allclose(back.affine, case.labels.affine, atol=1e-4)

@@ -256,7 +256,7 @@ def test_segmenter_3d_configuration_prepares_trains_exports_and_segments(tmp_pat
 
     monkeypatch.setitem(seg.CONFIGS, "gpu", {**seg.CONFIGS["gpu"], "feature_size": 12, "roi": (32, 64, 64)})
     case = make_case(5, 0)
-    image, labels = seg._prepare(
+    image, labels = seg.prepare(
         case.image.array, case.labels.array > 200, case.image.spacing, seg.CONFIGS["gpu"]
     )
     extent = np.array(case.image.shape) * np.array(case.image.spacing)  # mm along each voxel axis

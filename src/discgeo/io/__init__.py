@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset
 from discgeo.config import Settings
 from discgeo.errors import NotFoundError, UnsupportedFormatError
 from discgeo.io.dicom import read_dicom, read_dicom_study
-from discgeo.io.mha import read_mha
+from discgeo.io.mha import read_mha, write_mha
 from discgeo.io.nifti import read_nifti, write_nifti
 from discgeo.volume import Volume
 
@@ -58,4 +58,13 @@ def read_labels(path: str | Path, *, settings: Settings | None = None) -> Volume
     return read_volume(path, settings=settings, labels=True)
 
 
-__all__ = ["read_dicom", "read_labels", "read_mha", "read_nifti", "read_study", "read_volume", "write_nifti"]
+__all__ = [
+    "read_dicom",
+    "read_labels",
+    "read_mha",
+    "read_nifti",
+    "read_study",
+    "read_volume",
+    "write_mha",
+    "write_nifti",
+]

@@ -52,3 +52,20 @@ def read_mha(path: str | Path, *, settings: Settings | None = None, labels: bool
     volume = Volume(np.ascontiguousarray(array), affine, size, (), {"format": "metaimage"})
     object.__setattr__(volume, "source_axcodes", volume.axcodes)
     return volume.canonical()
+
+
+def write_mha(volume: Volume, path: str | Path) -> Path:
+    """Write a volume as MetaImage (ITK's LPS geometry; the array's own dtype, compressed): what
+    :func:`read_mha` reads back unchanged, e.g. a SPIDER-layout folder of phantoms."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    lps = LPS_TO_RAS @ volume.affine  # its own inverse
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume.array).transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in lps[:3, 3]])
+    image.SetDirection([float(d) for d in (lps[:3, :3] / spacing).ravel()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+    return path
