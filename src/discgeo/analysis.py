@@ -303,7 +303,7 @@ def cross_validate(
     splitter = (StratifiedGroupKFold if grouped else StratifiedKFold)(
         n_splits=folds, shuffle=True, random_state=seed
     )
-    for train, test in splitter.split(x, y, groups):
+    for train, test in splitter.split(x, y, groups if grouped else None):
         assert not grouped or not set(groups[train]) & set(groups[test])
         estimator = make_model(model, seed=seed).fit(x[train], y[train])
         probabilities[test] = estimator.predict_proba(x[test])[:, 1]
@@ -311,7 +311,7 @@ def cross_validate(
             make_model(model, seed=seed),
             x[train],
             y[train],
-            groups=groups[train],
+            groups=groups[train] if grouped else None,
             cv=GroupKFold(n_splits=3) if grouped else KFold(n_splits=3, shuffle=True, random_state=seed),
             method="predict_proba",
         )[:, 1]
@@ -392,18 +392,27 @@ def compare_feature_sets(
     seed: int = 0,
     models: Sequence[str] = ("boosting", "logistic"),
     sets: Sequence[str] | None = None,
+    grouped: bool = True,
+    jobs: int = 1,
 ) -> list[Scores]:
-    """Every feature set (:func:`discgeo.classification.feature_sets`) side by side for each model."""
-    results = []
+    """Every feature set (:func:`discgeo.classification.feature_sets`) side by side for each model
+    (``grouped``: see :func:`cross_validate`); ``jobs`` cross-validations at once, in processes (joblib
+    gives each one thread: small gradient-boosting fits gain nothing from more)."""
+    from joblib import Parallel, delayed
+
     groups = np.asarray(table.patients)
     available = feature_sets(latent_dim)
-    for model in models:
-        for name in sets or available:
-            p, labels = cross_validate(table, available[name], model=model, folds=folds, seed=seed)
-            ci = bootstrap_ci(table.y, p, labels, groups, n=bootstrap, seed=seed)
-            results.append(
-                Scores(name, model, ci["auc"], ci["sensitivity"], ci["specificity"], ci["f1"], p, labels)
-            )
+    runs = [(model, name) for model in models for name in sets or available]
+    predictions = Parallel(n_jobs=jobs)(
+        delayed(cross_validate)(table, available[name], model=model, folds=folds, seed=seed, grouped=grouped)
+        for model, name in runs
+    )
+    results = []
+    for (model, name), (p, labels) in zip(runs, predictions, strict=True):
+        ci = bootstrap_ci(table.y, p, labels, groups, n=bootstrap, seed=seed)
+        results.append(
+            Scores(name, model, ci["auc"], ci["sensitivity"], ci["specificity"], ci["f1"], p, labels)
+        )
     return results
 
 
@@ -538,10 +547,28 @@ def analyze(
 
 
 def evaluate_table(
-    table: FeatureTable, *, latent_dim: int, folds: int, bootstrap: int, seed: int
+    table: FeatureTable,
+    *,
+    latent_dim: int,
+    folds: int,
+    bootstrap: int,
+    seed: int,
+    models: Sequence[str] = ("boosting", "logistic"),
+    sets: Sequence[str] | None = None,
+    jobs: int = 1,
 ) -> tuple[list[Scores], dict[str, list[dict[str, Any]]]]:
-    """Every feature set and model by cross-validation, and the paired AUC differences per model."""
-    scores = compare_feature_sets(table, latent_dim=latent_dim, folds=folds, bootstrap=bootstrap, seed=seed)
+    """Every feature set (or ``sets``) and model by cross-validation, and the paired AUC differences
+    per model."""
+    scores = compare_feature_sets(
+        table,
+        latent_dim=latent_dim,
+        folds=folds,
+        bootstrap=bootstrap,
+        seed=seed,
+        models=models,
+        sets=sets,
+        jobs=jobs,
+    )
     groups = np.asarray(table.patients)
     differences = {
         model: paired_auc_differences(
@@ -587,10 +614,12 @@ def report(
     seed: int = 0,
     segmented: FeatureTable | None = None,
     extra: dict[str, Any] | None = None,
+    evaluated: tuple[list[Scores], dict[str, list[dict[str, Any]]]] | None = None,
 ) -> dict[str, Any]:
     """The analyses of an already measured cohort (see :func:`analyze`); ``segmented`` is the same
-    kind of table measured on the shipped segmenter's output instead of the true masks, and ``extra``
-    is written into the summary (and the report) as it is."""
+    kind of table measured on the shipped segmenter's output instead of the true masks, ``extra``
+    is written into the summary (and the report) as it is, and ``evaluated`` is
+    :func:`evaluate_table`'s result for ``table`` when the caller already has it."""
     out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "features.csv")
     latent_dim = encoder.latent_dim
@@ -607,7 +636,7 @@ def report(
         **(extra or {}),
     }
     if _enough(table, folds):
-        scores, differences = evaluate_table(
+        scores, differences = evaluated or evaluate_table(
             table, latent_dim=latent_dim, folds=folds, bootstrap=bootstrap, seed=seed
         )
         summary["results"] = _rows(scores)

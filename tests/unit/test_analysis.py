@@ -90,3 +90,26 @@ def test_analyze_cli_on_spider_root(spider_dir, tmp_path, capsys):
     assert "too few" in results["note"]
     assert (tmp_path / "traversals.png").is_file()
     assert "1 patients, 7 discs, 1 narrowed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_disc_level_cv_leaks_what_patient_grouped_cv_does_not():
+    """Narrowing drawn per patient (all its discs alike) and a feature that only identifies the
+    patient: folds over discs learn a patient's label from its other discs (the reference study's
+    protocol), folds over patients cannot."""
+    from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
+
+    from discgeo.analysis import FeatureTable, cross_validate
+
+    rng = np.random.default_rng(0)
+    table = FeatureTable()
+    for patient in range(120):
+        fingerprint, narrowed = rng.normal(), int(rng.random() < 0.4)
+        for level in range(7):
+            table.add(f"p{patient}", str(level), narrowed, {"a": fingerprint + rng.normal(0, 0.01)}, 1.0)
+    with threadpool_limits(limits=1, user_api="openmp"):  # small fits: thread start-up dominates
+        grouped, _ = cross_validate(table, ("a",))
+        by_disc, _ = cross_validate(table, ("a",), grouped=False)
+    assert roc_auc_score(table.y, grouped) < 0.6  # measured 0.50: nothing to learn across patients
+    assert roc_auc_score(table.y, by_disc) > 0.65  # measured 0.71: the leak
