@@ -116,10 +116,10 @@ real-discs: setup
 	$(PY) -m training.real_discs
 
 # The reference study's tables from a SPIDER download (training/reproduce.py; README "Reproducing the
-# study"): make reproduce SPIDER=DIR [LABELS=spider|FILE] [QUICK=1] [OUT=build/reproduce]
+# study"): make reproduce SPIDER=DIR [LABELS=spider|FILE] [QUICK=1] [CONTRAST=t1|t2] [OUT=build/reproduce]
 reproduce: setup
-	@test -n "$(SPIDER)" || { echo "usage: make reproduce SPIDER=/path/to/SPIDER [LABELS=spider|FILE] [QUICK=1] [OUT=DIR]"; exit 2; }
-	$(PY) -m training.reproduce --spider $(SPIDER) --labels $(or $(LABELS),spider) $(if $(QUICK),--quick) --out $(or $(OUT),$(BUILD)/reproduce)
+	@test -n "$(SPIDER)" || { echo "usage: make reproduce SPIDER=/path/to/SPIDER [LABELS=spider|FILE] [QUICK=1] [CONTRAST=t1|t2] [OUT=DIR]"; exit 2; }
+	$(PY) -m training.reproduce --spider $(SPIDER) --labels $(or $(LABELS),spider) --contrast $(or $(CONTRAST),t1) $(if $(QUICK),--quick) --out $(or $(OUT),$(BUILD)/reproduce)
 
 # The shipped autoencoder's recipe (about 60 min on 2 CPU cores without AVX-512): 50 calibrated phantom
 # patients and every real mask (7 real subjects held out), Adam 1e-3 to epoch 12, 3e-4 to 19, 1e-4 to 22.
