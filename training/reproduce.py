@@ -211,10 +211,6 @@ def _labels(root: Path, s: Series) -> Any:
     return read_labels(root / s.mask)
 
 
-def _disc_mask(labels: Any) -> np.ndarray:
-    return np.where(np.asarray(labels.array) > 200, 1, 0)
-
-
 # ----------------------------------------------------------------------------------- segmentation
 def seg_schedule(epochs: int) -> list[tuple[int, float | None]]:
     """The shipped segmenter's step decay scaled to ``epochs``: the first 40 % at the configuration's
@@ -250,7 +246,9 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
         if not target.exists():
             assert s.image is not None
             image = read_volume(root / s.image)
-            x, y = seg.prepare(image.array, _disc_mask(_labels(root, s)), image.spacing, seg.CONFIGS["cpu"])
+            x, y = seg.prepare(
+                image.array, np.asarray(_labels(root, s).array) > 200, image.spacing, seg.CONFIGS["cpu"]
+            )
             np.savez_compressed(target, image=x, labels=y)
         index.append({"name": f"spider-{s.name}", "source": "spider"})
     (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": index}, indent=1))
@@ -606,8 +604,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Labels: {nar['labels']}. {nar['discs']} graded discs of {nar['patients']} patients, "
         f"{nar['narrowed']} narrowed; features from the true masks (as the study), encoder {nar['encoder']}. "
-        "Gradient boosting (scikit-learn, calibrated; the study: XGBoost); sensitivity, specificity and F1 "
-        "at the threshold for specificity 0.95 chosen within the training folds. 95 % CIs resample patients.",
+        f"Gradient boosting (scikit-learn, calibrated; the study: {STUDY['protocol']}); sensitivity, "
+        "specificity and F1 at the threshold for specificity 0.95 chosen within the training folds. 95 % CIs "
+        "resample patients.",
         "",
         "| features | study AUC | ours, patient-grouped CV | ours - study | ours, the study's disc-level CV "
         "| leakage: disc-level - grouped AUC [paired 95 % CI] | study F1 | our F1 (grouped) |",
