@@ -687,7 +687,9 @@ def reproduce(
     seg_key = {**key, **{k: settings[k] for k in ("seg_epochs", "seg_steps", "bootstrap")}}
     ae_key = {**key, **{k: settings[k] for k in ("ae_epochs", "bottlenecks")}}
     results = {
-        "command": command or f"python -m training.reproduce --spider {root}",
+        "command": command
+        or f"python -m training.reproduce --spider {root} --labels {labels} --contrast {contrast} --out {out}"
+        + (" --quick" if quick else ""),
         "machine": f"{platform.machine()}, {_device()}",
         "out": str(out),
         "settings": settings,
