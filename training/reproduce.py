@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import platform
 import time
@@ -234,11 +235,11 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
 
     train_series = _series(dataset, "training", image=True)
     test_series = _series(dataset, "validation", image=True)
-    if len(train_series) < 2 or not test_series:
+    if len(train_series) < 3 or not test_series:  # checkpoints are chosen on 2 of the training series
         return {
             "skipped": f"{len(train_series)} training and {len(test_series)} validation series with images"
         }
-    data = out / "data" / "segmenter"
+    data = out / "data" / f"segmenter-{settings['dataset_tag']}"
     data.mkdir(parents=True, exist_ok=True)
     index = []
     for s in tqdm(train_series, desc="segmenter data", unit="series"):
@@ -252,7 +253,12 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
             np.savez_compressed(target, image=x, labels=y)
         index.append({"name": f"spider-{s.name}", "source": "spider"})
     (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": index}, indent=1))
-    run = out / "runs" / f"segmenter-e{settings['seg_epochs']}x{settings['seg_steps']}"  # one run per recipe
+    # one run per dataset and recipe: a rerun on other series or another contrast starts afresh
+    run = (
+        out
+        / "runs"
+        / f"segmenter-{settings['dataset_tag']}-e{settings['seg_epochs']}x{settings['seg_steps']}"
+    )
     started = time.monotonic()
     for epochs, lr in seg_schedule(settings["seg_epochs"]):
         seg.train(
@@ -276,13 +282,24 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
         assert s.image is not None
         truth = _labels(root, s)
         discs_only = truth.with_array(np.where(np.asarray(truth.array) > 200, truth.array, 0))
+        if not np.any(discs_only.array):  # a mask without discs: nothing to score
+            continue
         predicted = model.predict(read_volume(root / s.image))
         binary.append(seg.dice(np.asarray(predicted.array) > 0, np.asarray(discs_only.array) > 0))
+        if not np.any(predicted.array):  # nothing found: every reference disc missed
+            missed = dice_per_level(discs_only, discs_only)
+            rows += [
+                {"series": s.name, "patient": s.patient, **r, "dice": 0.0, "iou": 0.0, "predicted": False}
+                for r in missed
+            ]
+            continue
         for r in dice_per_level(predicted, discs_only):
             if r["reference"]:  # a disc of the reference: found (by level) or missed (0)
                 rows.append({"series": s.name, "patient": s.patient, **r})
             else:
                 extra += 1
+    if not rows:
+        return {"skipped": f"no reference disc in the {len(test_series)} validation series' masks"}
     dice = np.array([r["dice"] for r in rows])
     iou = np.array([r["iou"] for r in rows])
     groups = np.array([r["patient"] for r in rows])
@@ -323,7 +340,7 @@ def autoencoder(root: Path, dataset: dict[str, Any], out: Path, settings: dict[s
 
     if 4 not in settings["bottlenecks"]:
         raise SystemExit("the sweep must include bottleneck 4 (the study's choice, used for narrowing)")
-    data = out / "data" / "autoencoder"
+    data = out / "data" / f"autoencoder-{settings['dataset_tag']}"
     if not (data / "crops.npz").exists():
         crops, held, patients = [], [], []
         too_large = 0
@@ -352,7 +369,9 @@ def autoencoder(root: Path, dataset: dict[str, Any], out: Path, settings: dict[s
             "too_large_skipped": too_large,
         }
         (data / "summary.json").write_text(json.dumps(summary, indent=1))
-    runs = out / "runs" / f"autoencoder-e{settings['ae_epochs']}"  # one sweep per epoch budget
+    runs = (
+        out / "runs" / f"autoencoder-{settings['dataset_tag']}-e{settings['ae_epochs']}"
+    )  # per dataset, budget
     rows = ae.sweep(
         data,
         runs,
@@ -432,6 +451,7 @@ def narrowing(
         FeatureTable,
         add_labels,
         compare_feature_sets,
+        enough_for_cv,
         evaluate_table,
         paired_auc_differences,
         report,
@@ -447,10 +467,33 @@ def narrowing(
         }
         if wanted:
             add_labels(table, s.patient, _labels(root, s), wanted, encoder)
-    # the cross-validations run ``threads`` at once, one thread each: gradient boosting of a few hundred
-    # or thousand discs is dominated by thread start-up (a calibrated fit of 1,300 discs took 1.42 s on
-    # one thread and 1.63 s on two, of 50 discs 0.39 s and 0.73 s, on 2 cores)
+    # the cross-validations run ``threads`` at once, one thread each on 2 cores: gradient boosting of a
+    # few hundred or thousand discs is dominated by thread start-up (a calibrated fit of 1,300 discs took
+    # 1.42 s on one thread and 1.63 s on two, of 50 discs 0.39 s and 0.73 s, on 2 cores)
     n, jobs = settings["bootstrap"], settings["threads"]
+    cohort = f"SPIDER {dataset['contrast']} series of {dataset['root']}"
+    counts = {
+        "labels": source,
+        "patients": len(set(table.patients)),
+        "discs": len(table),
+        "narrowed": int(table.y.sum()),
+    }
+    if not enough_for_cv(table, 5):  # e.g. a labels table whose subjects match no series
+        report(
+            table,
+            out / "narrowing",
+            encoder,
+            cohort=cohort,
+            kind="spider",
+            bootstrap=n,
+            extra={"labels": source},
+        )
+        return {
+            **counts,
+            "encoder": encoder.version,
+            "protocols": {},
+            "note": "too few patients or discs of a class for 5-fold CV",
+        }
     # one model, as the study (boosting; the logistic comparison of `discgeo analyze` is left out)
     common = {
         "latent_dim": encoder.latent_dim,
@@ -461,11 +504,11 @@ def narrowing(
     }
     scores, differences = evaluate_table(table, folds=5, jobs=jobs, **common)
     disc_level = {s.feature_set: s for s in compare_feature_sets(table, grouped=False, jobs=jobs, **common)}
-    summary = report(
+    report(
         table,
         out / "narrowing",
         encoder,
-        cohort=f"SPIDER {dataset['contrast']} series of {dataset['root']}",
+        cohort=cohort,
         kind="spider",
         bootstrap=n,
         extra={"labels": source},
@@ -487,14 +530,7 @@ def narrowing(
             "disc_level": figures(by_disc),
             "leakage_auc": difference["difference"],
         }
-    return {
-        "labels": source,
-        "patients": summary["patients"],
-        "discs": summary["discs"],
-        "narrowed": summary["narrowed"],
-        "encoder": encoder.version,
-        "protocols": protocols,
-    }
+    return {**counts, "encoder": encoder.version, "protocols": protocols}
 
 
 def _targets(root: Path, labels: str) -> tuple[dict[tuple[str, int], int], str]:
@@ -624,8 +660,9 @@ def render(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "The full comparison (logistic regression too, paired AUC differences between feature sets, "
-        "correlations, traversals): [narrowing/report.md](narrowing/report.md).",
+        *([f"Not cross-validated: {nar['note']}.", ""] if nar.get("note") else []),
+        "The full comparison (paired AUC differences between feature sets, correlations, traversals): "
+        "[narrowing/report.md](narrowing/report.md).",
         "",
         "![ROC curves](narrowing/roc.png)",
         "",
@@ -681,6 +718,8 @@ def reproduce(
     }
     out.mkdir(parents=True, exist_ok=True)
     key = {"root": str(root.resolve()), "contrast": contrast, "series": settings["series"]}
+    # the caches and runs of one dataset (root, contrast, series chosen) are never reused for another
+    settings["dataset_tag"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     dataset = _step(out, "dataset", key, lambda: load_dataset(root, contrast, settings["series"]))
     for problem in dataset["problems"][:10]:
         print(f"  {problem}")

@@ -9,11 +9,13 @@
   uses a pinned image tag; discgeo containers read the stage token from a Secret (in the local overlay,
   from its token volume); in the gpu overlay the segmenter and encoder request an NVIDIA GPU;
 * capacity: the stages scale to what the gateway can feed. The gateway works on replicas x
-  DISCGEO_GATEWAY_WORKERS studies at once, each one request per stage; a stage replica serves its
-  BentoML traffic concurrency (services/*/service.py) at once. So a stage's most replicas must reach
-  ceil(studies in flight / concurrency) and go no further than that or two (for availability; more
-  could get no work), and a KEDA in-flight trigger's threshold is the concurrency. In the local
-  overlay (podman runs no autoscalers) the Deployments' replica counts are what counts.
+  DISCGEO_GATEWAY_WORKERS studies at once, each one request per stage; a stage replica is sized for
+  its BentoML traffic concurrency (services/*/service.py: BentoML's ideal number of simultaneous
+  requests, a scaling hint, not a hard limit; the rule holds as far as those values are right). So a
+  stage's most replicas must reach ceil(studies in flight / concurrency) and go no further than that
+  or two (for availability; more could get no work), and a KEDA in-flight trigger's threshold is the
+  concurrency. In the local overlay (podman runs no autoscalers) the Deployments' replica counts are
+  what counts.
 """
 
 from __future__ import annotations

@@ -397,7 +397,7 @@ def compare_feature_sets(
 ) -> list[Scores]:
     """Every feature set (:func:`discgeo.classification.feature_sets`) side by side for each model
     (``grouped``: see :func:`cross_validate`); ``jobs`` cross-validations at once, in processes (joblib
-    gives each one thread: small gradient-boosting fits gain nothing from more)."""
+    limits each worker's threads to cores / jobs: small gradient-boosting fits gain nothing from more)."""
     from joblib import Parallel, delayed
 
     groups = np.asarray(table.patients)
@@ -597,7 +597,8 @@ def _rows(scores: Sequence[Scores]) -> list[dict[str, Any]]:
     ]
 
 
-def _enough(table: FeatureTable, folds: int) -> bool:
+def enough_for_cv(table: FeatureTable, folds: int) -> bool:
+    """Whether ``folds``-fold CV can run: that many patients, narrowed and normal discs."""
     y = table.y
     return len(set(table.patients)) >= folds and y.sum() >= folds and (y == 0).sum() >= folds
 
@@ -635,7 +636,7 @@ def report(
         "operating_point": f"specificity {SPECIFICITY_TARGET:.2f} on the training folds (inner grouped CV)",
         **(extra or {}),
     }
-    if _enough(table, folds):
+    if enough_for_cv(table, folds):
         scores, differences = evaluated or evaluate_table(
             table, latent_dim=latent_dim, folds=folds, bootstrap=bootstrap, seed=seed
         )
@@ -651,7 +652,7 @@ def report(
             f"{summary['patients']} patient(s) with {summary['narrowed']} narrowed disc(s): too few "
             f"for {folds}-fold cross-validation; features only"
         )
-    if segmented is not None and _enough(segmented, folds):
+    if segmented is not None and enough_for_cv(segmented, folds):
         seg_scores, seg_differences = evaluate_table(
             segmented, latent_dim=latent_dim, folds=folds, bootstrap=bootstrap, seed=seed
         )

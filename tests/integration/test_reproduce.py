@@ -121,7 +121,7 @@ def test_study_labels_from_csv_and_xlsx(tmp_path):
     rows = [
         ("Subject", "IVD number", "Level", "Pfirrmann", "Narrowing"),
         (1, 1, "L5-S1", 3, 0),
-        (1, 7, "T12-L1", 2, 1),
+        (1, 7, "T11-T12", 2, 1),
     ]
     with (tmp_path / "labels.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
