@@ -241,17 +241,10 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
         }
     data = out / "data" / f"segmenter-{settings['dataset_tag']}"
     data.mkdir(parents=True, exist_ok=True)
-    index = []
-    for s in tqdm(train_series, desc="segmenter data", unit="series"):
-        target = data / f"spider-{s.name}.npz"
-        if not target.exists():
-            assert s.image is not None
-            image = read_volume(root / s.image)
-            x, y = seg.prepare(
-                image.array, np.asarray(_labels(root, s).array) > 200, image.spacing, seg.CONFIGS["cpu"]
-            )
-            np.savez_compressed(target, image=x, labels=y)
-        index.append({"name": f"spider-{s.name}", "source": "spider"})
+    index = [
+        seg.write_spider_series(data, root / str(s.image), root / str(s.mask), seg.CONFIGS["cpu"], reuse=True)
+        for s in tqdm(train_series, desc="segmenter data", unit="series")
+    ]
     (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": index}, indent=1))
     # one run per dataset and recipe: a rerun on other series or another contrast starts afresh
     run = (
@@ -478,33 +471,21 @@ def narrowing(
         "discs": len(table),
         "narrowed": int(table.y.sum()),
     }
-    if not enough_for_cv(table, 5):  # e.g. a labels table whose subjects match no series
-        report(
-            table,
-            out / "narrowing",
-            encoder,
-            cohort=cohort,
-            kind="spider",
-            bootstrap=n,
-            extra={"labels": source},
-        )
-        return {
-            **counts,
-            "encoder": encoder.version,
-            "protocols": {},
-            "note": "too few patients or discs of a class for 5-fold CV",
+    enough = enough_for_cv(table, 5)  # not, e.g., with a labels table whose subjects match no series
+    if enough:
+        # one model, as the study (boosting; the logistic comparison of `discgeo analyze` is left out)
+        common = {
+            "latent_dim": encoder.latent_dim,
+            "bootstrap": n,
+            "seed": 0,
+            "models": ("boosting",),
+            "sets": SETS,
         }
-    # one model, as the study (boosting; the logistic comparison of `discgeo analyze` is left out)
-    common = {
-        "latent_dim": encoder.latent_dim,
-        "bootstrap": n,
-        "seed": 0,
-        "models": ("boosting",),
-        "sets": SETS,
-    }
-    scores, differences = evaluate_table(table, folds=5, jobs=jobs, **common)
-    disc_level = {s.feature_set: s for s in compare_feature_sets(table, grouped=False, jobs=jobs, **common)}
-    report(
+        scores, differences = evaluate_table(table, folds=5, jobs=jobs, **common)
+        disc_level = {
+            s.feature_set: s for s in compare_feature_sets(table, grouped=False, jobs=jobs, **common)
+        }
+    report(  # features only, without enough patients and discs for 5-fold CV
         table,
         out / "narrowing",
         encoder,
@@ -512,13 +493,16 @@ def narrowing(
         kind="spider",
         bootstrap=n,
         extra={"labels": source},
-        evaluated=(scores, differences),
+        evaluated=(scores, differences) if enough else None,
     )
+    if not enough:
+        return {
+            **counts,
+            "encoder": encoder.version,
+            "protocols": {},
+            "note": "too few patients or discs of a class for 5-fold CV",
+        }
     groups = np.asarray(table.patients)
-
-    def figures(s: Any) -> dict[str, Any]:
-        return {"auc": s.auc, "sensitivity": s.sensitivity, "specificity": s.specificity, "f1": s.f1}
-
     protocols = {}
     for grouped in scores:
         by_disc = disc_level[grouped.feature_set]
@@ -526,8 +510,8 @@ def narrowing(
             table.y, {"discs": by_disc.probabilities, "patients": grouped.probabilities}, groups, n=n, seed=0
         )
         protocols[grouped.feature_set] = {
-            "patient_grouped": figures(grouped),
-            "disc_level": figures(by_disc),
+            "patient_grouped": grouped.figures(),
+            "disc_level": by_disc.figures(),
             "leakage_auc": difference["difference"],
         }
     return {**counts, "encoder": encoder.version, "protocols": protocols}

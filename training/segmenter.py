@@ -131,6 +131,22 @@ def _write_phantom(out: Path, seed: int, config_name: str, case: int) -> dict[st
     return {"name": name, "source": "phantom", "contrast": c.truth["contrast"]}
 
 
+def write_spider_series(
+    out: Path, image_path: Path, mask_path: Path, config: dict[str, Any], *, reuse: bool = False
+) -> dict[str, str]:
+    """Cache one SPIDER series (discs = labels 201+) at the configuration's spacing as
+    ``OUT/spider-<series>.npz`` (kept as it is with ``reuse`` when it exists); its index entry."""
+    from discgeo.io import read_labels, read_volume
+
+    name = f"spider-{mask_path.stem}"
+    if not (reuse and (out / f"{name}.npz").exists()):
+        image = read_volume(image_path)
+        labels = read_labels(mask_path)
+        x, y = prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
+        np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
+    return {"name": name, "source": "spider"}
+
+
 def build_data(
     out: Path, *, phantoms: int, seed: int, config_name: str, spider: Path | None, workers: int = 1
 ) -> dict[str, Any]:
@@ -160,11 +176,7 @@ def build_data(
             unpaired = sorted({m.name for m in masks} - {m.name for m, _ in pairs})
             print(f"SPIDER: {len(unpaired)} of {len(masks)} masks have no image, left out: {unpaired[:5]}")
         for mask_path, image_path in tqdm(pairs, desc="SPIDER", unit="series"):
-            image = read_volume(image_path)
-            labels = read_labels(mask_path)
-            x, y = prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
-            np.savez_compressed(out / f"spider-{mask_path.stem}.npz", image=x, labels=y)
-            index.append({"name": f"spider-{mask_path.stem}", "source": "spider"})
+            index.append(write_spider_series(out, image_path, mask_path, config))
     summary = {"config": config_name, "seed": seed, "cases": index}
     (out / "index.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -147,10 +147,9 @@ def capacity_problems(
         return fixed
 
     workers = int(config["data"]["DISCGEO_GATEWAY_WORKERS"])
-    in_flight = most("discgeo-gateway") * workers
-    feeds = (
-        f"the gateway works on {in_flight} studies at once ({most('discgeo-gateway')} x {workers} workers)"
-    )
+    replicas = most("discgeo-gateway")
+    in_flight = replicas * workers
+    feeds = f"the gateway works on {in_flight} studies at once ({replicas} x {workers} workers)"
     problems = []
     for kind, name in sorted(found):
         if kind != "Deployment" or name not in concurrency:

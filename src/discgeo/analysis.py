@@ -259,6 +259,15 @@ class Scores:
     probabilities: np.ndarray = field(repr=False)
     predicted: np.ndarray = field(repr=False)
 
+    def figures(self) -> dict[str, tuple[float, float, float]]:
+        """AUC, sensitivity, specificity and F1, each (estimate, CI low, CI high)."""
+        return {
+            "auc": self.auc,
+            "sensitivity": self.sensitivity,
+            "specificity": self.specificity,
+            "f1": self.f1,
+        }
+
 
 def operating_threshold(y: np.ndarray, p: np.ndarray, *, specificity: float = SPECIFICITY_TARGET) -> float:
     """The lowest probability threshold at which at least ``specificity`` of the negatives are below it."""
@@ -584,17 +593,7 @@ def evaluate_table(
 
 
 def _rows(scores: Sequence[Scores]) -> list[dict[str, Any]]:
-    return [
-        {
-            "feature_set": s.feature_set,
-            "model": s.model,
-            "auc": s.auc,
-            "sensitivity": s.sensitivity,
-            "specificity": s.specificity,
-            "f1": s.f1,
-        }
-        for s in scores
-    ]
+    return [{"feature_set": s.feature_set, "model": s.model, **s.figures()} for s in scores]
 
 
 def enough_for_cv(table: FeatureTable, folds: int) -> bool:
