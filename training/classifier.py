@@ -72,7 +72,7 @@ def real_calls_by_set(
         add_labels(real, mask.subject, mask.labels, dict.fromkeys(realdata.LUMBAR_LEVELS, 0), encoder)
     out = {}
     for name, names in sets.items():
-        model = make_model("boosting", seed=0).fit(table.matrix(names), table.y)
+        model = make_model("boosting", seed=0, features=names).fit(table.matrix(names), table.y)
         called = model.predict_proba(real.matrix(names))[:, 1] >= thresholds[name]
         out[name] = round(float(called.mean()), 4)
     return out
@@ -135,7 +135,7 @@ def main() -> None:
             "shipped_real_healthy_discs_called_narrowed_by_feature_set": real_by_set,
         },
     )
-    model = make_model("boosting", seed=0).fit(table.matrix(names), table.y)
+    model = make_model("boosting", seed=0, features=names).fit(table.matrix(names), table.y)
     cv = next(r for r in summary["results"] if r["model"] == "boosting" and r["feature_set"] == shipped)
     classifier = NarrowingClassifier(
         model,

@@ -314,10 +314,10 @@ def cross_validate(
     )
     for train, test in splitter.split(x, y, groups if grouped else None):
         assert not grouped or not set(groups[train]) & set(groups[test])
-        estimator = make_model(model, seed=seed).fit(x[train], y[train])
+        estimator = make_model(model, seed=seed, features=names).fit(x[train], y[train])
         probabilities[test] = estimator.predict_proba(x[test])[:, 1]
         inner = cross_val_predict(
-            make_model(model, seed=seed),
+            make_model(model, seed=seed, features=names),
             x[train],
             y[train],
             groups=groups[train] if grouped else None,

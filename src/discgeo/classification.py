@@ -96,8 +96,19 @@ def disc_features(discs: Sequence[Any], latents: Mapping[str, np.ndarray]) -> di
     return rows
 
 
-def make_model(kind: str = "boosting", *, seed: int = 0, calibrate: bool = True) -> Any:
-    """A scikit-learn pipeline: scaling + classifier, optionally with calibrated probabilities."""
+# A disc that is thinner against its neighbours, its patient, its level or its own width is never less
+# likely narrowed: boosting is held to that (``monotonic_cst``), so that label noise in the training
+# cohort cannot leave islands where a tall disc scores high (it did: two real healthy L5-S1 discs with
+# heights ~1.14x their neighbours' were called narrowed before the constraint).
+DECREASING_FEATURES = ("height_vs_adjacent", "height_vs_patient", "height_vs_level", "height_to_width_ratio")
+
+
+def make_model(
+    kind: str = "boosting", *, seed: int = 0, calibrate: bool = True, features: Sequence[str] = ()
+) -> Any:
+    """A scikit-learn pipeline: scaling + classifier, optionally with calibrated probabilities.
+    ``features`` names the columns in order; boosting is then constrained to decrease in
+    :data:`DECREASING_FEATURES` (standard scaling keeps the direction)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -112,6 +123,7 @@ def make_model(kind: str = "boosting", *, seed: int = 0, calibrate: bool = True)
             min_samples_leaf=20,
             l2_regularization=1.0,
             random_state=seed,
+            monotonic_cst=[-1 if name in DECREASING_FEATURES else 0 for name in features] or None,
         )
     elif kind == "logistic":
         estimator = LogisticRegression(C=1.0, max_iter=2000)

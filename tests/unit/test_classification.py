@@ -17,6 +17,7 @@ from discgeo.analysis import (
     verdict,
 )
 from discgeo.classification import (
+    DECREASING_FEATURES,
     RELATIVE_FEATURES,
     NarrowingClassifier,
     feature_sets,
@@ -162,3 +163,25 @@ def test_classifier_refuses_latents_of_another_encoder(table):
         make_model("logistic").fit(x, table.y), names["geometric"], metadata={"encoder_version": "b4-e21"}
     )
     geometric.check_encoder("b4-e90")  # no latent features: any encoder will do
+
+
+def test_boosting_never_scores_a_relatively_thinner_disc_lower(table):
+    """The monotone constraint: along each of DECREASING_FEATURES, with the others held at a real
+    disc's values, the probability of narrowing never rises as the disc gets relatively taller;
+    without the constraint the same model does rise somewhere on this grid (label noise)."""
+    names = feature_sets(4)["relative"]
+    x = table.matrix(names)
+    rises = {}
+    for constrained in (True, False):
+        model = make_model("boosting", features=names if constrained else ()).fit(x, table.y)
+        worst = 0.0
+        for column, name in enumerate(names):
+            if name not in DECREASING_FEATURES:
+                continue
+            grid = np.linspace(*np.percentile(x[:, column], [1, 99]), 60)
+            for base in x[::25]:
+                probe = np.repeat(base[None], grid.size, axis=0)
+                probe[:, column] = grid
+                worst = max(worst, float(np.diff(model.predict_proba(probe)[:, 1]).max()))
+        rises[constrained] = worst
+    assert rises[True] <= 1e-9 < rises[False], rises
