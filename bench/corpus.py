@@ -33,8 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from discgeo.encoding import pack_crops
-from discgeo.io.dicom import SeriesTags, write_dicom_series
-from discgeo.phantom import make_case
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 from discgeo.volume import Volume
 
 # what the PHI audit looks for: none of it may appear in a log line, metric, message, listing or file name

@@ -29,7 +29,6 @@ import pydicom
 
 from discgeo import realdata
 from discgeo.io import read_volume
-from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import (
     SERVICES,
     bentoml_service,
@@ -40,6 +39,7 @@ from discgeo.local import (
     postgres,
     service_memory_mib,
 )
+from discgeo.phantom import SeriesTags, write_dicom_series
 from discgeo.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -46,8 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from discgeo import realdata
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "ivd-t2-mri"
+SHARED = realdata.ivd_t2_dir()
 CASE = "case-20"
 TARGETS = {"http_vs_embedded": 0.85, "overhead_fraction": 0.15, "speedup_vs_reference": 5.0}
 # the reference recipe's segmenter and sliding window (MONAI defaults, but 4 windows per batch)
@@ -197,7 +199,7 @@ def clocked(stages: Any) -> Iterator[dict[str, Clock]]:
 
 # --------------------------------------------------------------------------------------- studies
 def write_study(volume: Any, folder: Path, name: str) -> list[Path]:
-    from discgeo.io.dicom import SeriesTags, write_dicom_series
+    from discgeo.phantom import SeriesTags, write_dicom_series
 
     return write_dicom_series(
         volume, folder, tags=SeriesTags(series_description="SAG T2 TSE", contrast="t2", uid_seed=name)

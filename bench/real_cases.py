@@ -23,17 +23,11 @@ from discgeo import realdata
 from discgeo.analysis import healthy_real_discs
 from discgeo.api import process_study
 from discgeo.io import read_labels, read_volume
-from discgeo.io.dicom import SeriesTags, write_dicom_series
+from discgeo.phantom import SeriesTags, write_dicom_series
 from discgeo.pipeline import LocalStages
-from discgeo.segmentation import dice_per_level
+from discgeo.segmentation import dice, dice_per_level
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _binary_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of all discs together (ignores level assignment)."""
-    total = np.count_nonzero(a) + np.count_nonzero(b)
-    return 2 * np.count_nonzero(a & b) / total if total else 1.0
 
 
 def main() -> None:
@@ -54,7 +48,7 @@ def main() -> None:
                 path = realdata.ivd_t2_dir() / f"{case}.nii.gz" if source == "nifti" else files
                 processed = process_study(path, stages=stages, study=case)
                 result, labels, read_s = processed.result, processed.labels, processed.read_s
-                dice = dice_per_level(labels, truth.with_array(np.asarray(truth.array)))
+                per_level = dice_per_level(labels, truth.with_array(np.asarray(truth.array)))
                 rows.append(
                     {
                         "case": case,
@@ -63,9 +57,9 @@ def main() -> None:
                         "read_s": round(read_s, 3),
                         **{f"{k}_s": v for k, v in result.timings_s.items()},
                         "discs_found": len(result.discs),
-                        "mean_dice": round(float(np.mean([d["dice"] for d in dice])), 4),
-                        "binary_dice": round(_binary_dice(labels.array > 0, truth.array > 0), 4),
-                        "dice_by_level": {d["level"]: round(d["dice"], 4) for d in dice},
+                        "mean_dice": round(float(np.mean([d["dice"] for d in per_level])), 4),
+                        "binary_dice": round(dice(labels.array > 0, truth.array > 0), 4),
+                        "dice_by_level": {d["level"]: round(d["dice"], 4) for d in per_level},
                         "levels": [d.level for d in result.discs],
                         "mean_height_mm": [round(d.geometry.mean_height_mm, 2) for d in result.discs],
                         "narrowing_probability": [

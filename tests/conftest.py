@@ -29,12 +29,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ivd_dir(shared_data: Path) -> Path:
-    return shared_data / "ivd-t2-mri"
+    return realdata.ivd_t2_dir()
 
 
 @pytest.fixture(scope="session")
 def spider_dir(shared_data: Path) -> Path:
-    return shared_data / "spider-format"
+    return realdata.spider_format_dir()
 
 
 def threshold_model(path, roi=(64, 64)) -> None:

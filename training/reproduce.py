@@ -230,7 +230,7 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
 
     from discgeo.analysis import patient_resamples
     from discgeo.io import read_volume
-    from discgeo.segmentation import Segmenter, dice_per_level
+    from discgeo.segmentation import Segmenter, dice, dice_per_level
     from training import segmenter as seg
 
     train_series = _series(dataset, "training", image=True)
@@ -278,7 +278,7 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
         if not np.any(discs_only.array):  # a mask without discs: nothing to score
             continue
         predicted = model.predict(read_volume(root / s.image))
-        binary.append(seg.dice(np.asarray(predicted.array) > 0, np.asarray(discs_only.array) > 0))
+        binary.append(dice(np.asarray(predicted.array) > 0, np.asarray(discs_only.array) > 0))
         if not np.any(predicted.array):  # nothing found: every reference disc missed
             missed = dice_per_level(discs_only, discs_only)
             rows += [

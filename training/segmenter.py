@@ -55,7 +55,7 @@ import torch
 
 from discgeo import realdata
 from discgeo.config import SEGMENTER_MODES
-from discgeo.segmentation import binarise, normalise, resample, sliding_window
+from discgeo.segmentation import binarise, dice, normalise, resample, sliding_window
 from training.torchrun import autocast, device, lr_schedule, resolve_precision, save_checkpoint, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,12 +308,6 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, 
     # CPU larger batches gain nothing
     batch = 8 if where.type == "cpu" else 64 if config["dims"] == 2 else 2
     return sliding_window(run, image, config["roi"], 2, batch_size=batch)[1]
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    inter = np.count_nonzero(pred & truth)
-    total = np.count_nonzero(pred) + np.count_nonzero(truth)
-    return 2 * inter / total if total else 1.0
 
 
 def validate(

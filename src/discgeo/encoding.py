@@ -9,9 +9,11 @@ mask is taken in RAS+ voxel order (the canonical orientation of every discgeo vo
 that grid and centred by its bounding box. Where the crop spacing is a whole multiple of the mask's
 along an axis, the mask is copied voxel for voxel; elsewhere trilinear interpolation is binarised with
 the volume kept (a threshold of 0.5 alone made 1 mm discs one voxel longer along each axis of odd
-extent: up to +16 % volume on the real cases). Size and tilt are kept: no rescaling, no rotation, as in
-the reference study. A disc whose bounding box exceeds the cube is reported in
-:class:`CropResult.too_large`, never cut.
+extent: up to +16 % volume on the real cases). Size is kept (no rescaling). With the artifact's
+``crop_alignment`` ``voxel``, tilt is kept too, as in the reference study; with ``sagittal`` the cube is
+turned about R to the disc's own sagittal tilt (which :mod:`discgeo.geometry` reports in degrees), so the
+code need not spend a number on it and the cube can be thin along the disc's height. A disc whose
+bounding box exceeds the cube is reported in :class:`CropResult.too_large`, never cut.
 """
 
 from __future__ import annotations
@@ -35,23 +37,33 @@ from discgeo.segmentation import binarise
 from discgeo.volume import Volume
 
 log = logging.getLogger(__name__)
+ALIGNMENTS = ("voxel", "sagittal")
 
 
 @dataclass(frozen=True)
 class CropSpec:
-    """Crop size (voxels per side) and spacing (mm along the R, A and S voxel axes)."""
+    """Crop size (voxels per side), spacing (mm along the cube's R, A and S axes) and alignment:
+    ``voxel`` (the cube's axes are the mask's voxel axes) or ``sagittal`` (turned about R so that the
+    cube's S axis is the disc's normal in the sagittal plane; see :func:`crop_disc`)."""
 
     size: int
     spacing_mm: tuple[float, float, float]
+    alignment: str = "voxel"
+
+    def __post_init__(self) -> None:
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"crop alignment must be one of {', '.join(ALIGNMENTS)}, not {self.alignment!r}")
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> CropSpec:
-        """From an encoder artifact's ``crop_size`` and ``crop_spacing_mm`` (one number or three)."""
+        """From an encoder artifact's ``crop_size``, ``crop_spacing_mm`` (one number or three) and
+        ``crop_alignment`` (``voxel`` when absent: the artifacts before it)."""
         spacing = metadata["crop_spacing_mm"]
         values = [float(spacing)] * 3 if isinstance(spacing, int | float) else [float(v) for v in spacing]
         if len(values) != 3 or min(values) <= 0:
             raise ValueError(f"crop_spacing_mm must be one or three positive numbers, not {spacing!r}")
-        return cls(int(metadata["crop_size"]), (values[0], values[1], values[2]))
+        alignment = str(metadata.get("crop_alignment", "voxel"))
+        return cls(int(metadata["crop_size"]), (values[0], values[1], values[2]), alignment)
 
     @property
     def extent_mm(self) -> tuple[float, float, float]:
@@ -76,11 +88,14 @@ class CropResult:
 def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.ndarray | None:
     """Crop one disc (boolean mask on a RAS+-ordered grid) into the ``spec`` cube; None if it does not fit.
 
-    The cube's axes follow the mask's voxel axes (after the canonical reordering), so an oblique
-    acquisition keeps its obliqueness, as in the reference study. Where the crop spacing is a whole
-    multiple of the mask's (1 mm masks, 0.5 mm masks), the samples are put on voxel centres (the
-    bounding-box centre moves by under half a voxel) and the crop copies the mask exactly; elsewhere
-    trilinear fractions are binarised with the volume kept (:func:`discgeo.segmentation.binarise`).
+    With ``voxel`` alignment the cube's axes follow the mask's voxel axes (after the canonical
+    reordering), so an oblique acquisition keeps its obliqueness, as in the reference study. Where the
+    crop spacing is a whole multiple of the mask's (1 mm masks, 0.5 mm masks), the samples are put on
+    voxel centres (the bounding-box centre moves by under half a voxel) and the crop copies the mask
+    exactly. With ``sagittal`` alignment the cube is turned about R by the disc's sagittal tilt
+    (:func:`sagittal_frame`). Elsewhere trilinear fractions are binarised with the volume kept
+    (:func:`discgeo.segmentation.binarise`). Either way the cube is centred on the disc's bounding box
+    in its own axes.
     """
     idx = np.argwhere(mask)
     if idx.size == 0:
@@ -88,29 +103,60 @@ def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.nda
     # voxel sizes to 1e-5 mm: a label map that went through NIfTI's float32 affine (the encoder
     # service's input) crops exactly as the original
     spacing = np.round(np.linalg.norm(affine[:3, :3], axis=0), 5)
-    lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
-    hi = (idx.max(axis=0) + 0.5) * spacing
-    extent = hi - lo
     size = spec.size
     spacing_mm = np.asarray(spec.spacing_mm)
-    if np.any(extent > size * spacing_mm):
-        return None
-    # target voxel t (0..size-1) sits at the box centre + (t - (size-1)/2) * spacing_mm along each axis,
-    # i.e. at voxel coordinate first + t * step
-    step = spacing_mm / spacing
-    first = ((lo + hi) / 2 - (size - 1) / 2 * spacing_mm) / spacing
-    for a in range(3):
-        if step[a] < 1 - 1e-6 or abs(step[a] - round(step[a])) > 1e-6:
-            continue  # samples between voxels whatever the phase
-        for start in sorted((np.floor(first[a]), np.ceil(first[a])), key=lambda s: abs(s - first[a])):
-            if start <= idx[:, a].min() and start + step[a] * (size - 1) >= idx[:, a].max():
-                first[a] = start
-                break
-    grid = np.meshgrid(*[first[a] + step[a] * np.arange(size) for a in range(3)], indexing="ij")
+    offsets = (np.arange(size) - (size - 1) / 2)[None, :] * spacing_mm[:, None]  # [axis, t] in mm
+    if spec.alignment == "sagittal":
+        frame = sagittal_frame(idx * spacing)  # rows: the cube's R, A, S axes in voxel-axis mm
+        along = idx * spacing @ frame.T
+        # a voxel's half-extent along each cube axis: half its box projected onto that axis
+        half = 0.5 * np.abs(frame) @ spacing
+        lo, hi = along.min(axis=0) - half, along.max(axis=0) + half
+        if np.any(hi - lo > size * spacing_mm):
+            return None
+        centre = (lo + hi) / 2
+        axes = [centre[a] + offsets[a] for a in range(3)]
+        grid_mm = np.meshgrid(*axes, indexing="ij")  # cube coordinates in mm
+        points = np.einsum("ai,a...->i...", frame, np.stack(grid_mm))  # back to voxel-axis mm
+        grid = [points[i] / spacing[i] for i in range(3)]
+    else:
+        lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
+        hi = (idx.max(axis=0) + 0.5) * spacing
+        if np.any(hi - lo > size * spacing_mm):
+            return None
+        # target voxel t (0..size-1) sits at the box centre + (t - (size-1)/2) * spacing_mm along each
+        # axis, i.e. at voxel coordinate first + t * step
+        step = spacing_mm / spacing
+        first = ((lo + hi) / 2 - (size - 1) / 2 * spacing_mm) / spacing
+        for a in range(3):
+            if step[a] < 1 - 1e-6 or abs(step[a] - round(step[a])) > 1e-6:
+                continue  # samples between voxels whatever the phase
+            for start in sorted((np.floor(first[a]), np.ceil(first[a])), key=lambda s: abs(s - first[a])):
+                if start <= idx[:, a].min() and start + step[a] * (size - 1) >= idx[:, a].max():
+                    first[a] = start
+                    break
+        grid = np.meshgrid(*[first[a] + step[a] * np.arange(size) for a in range(3)], indexing="ij")
     values = ndimage.map_coordinates(
         mask.astype(np.float32), grid, order=1, mode="grid-constant", cval=0.0, prefilter=False
     )
     return binarise(values).astype(np.uint8)
+
+
+def sagittal_frame(points_mm: np.ndarray) -> np.ndarray:
+    """The ``sagittal`` crop's axes (rows R', A', S', right-handed) for a disc's voxel positions in mm:
+    S' is the disc's normal (the direction of least spread of its voxels) projected onto the sagittal
+    (A-S) plane, R' stays R, A' = S' x R'. Only the sagittal tilt is taken out (up to ~30 degrees at
+    L5-S1), so the cube can be thin along S'; a coronal tilt stays, and with it R is never mixed into S
+    (the native masks are 4.4 mm thick along R)."""
+    centred = points_mm - points_mm.mean(axis=0)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    normal = vectors[:, 0]  # smallest eigenvalue first
+    a, s = normal[1], normal[2]
+    if s < 0:
+        a, s = -a, -s
+    length = float(np.hypot(a, s))
+    a, s = (0.0, 1.0) if length < 1e-9 else (a / length, s / length)
+    return np.array([[1.0, 0.0, 0.0], [0.0, s, -a], [0.0, a, s]])
 
 
 def disc_crops(labels: Volume, *, spec: CropSpec) -> CropResult:

@@ -33,14 +33,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
 from discgeo import levels, reference
-from discgeo.volume import Volume
+from discgeo.volume import LPS_TO_RAS, Volume
 
 Contrast = Literal["t1", "t2"]
 TRUTH_GRID_MM = 0.08
@@ -718,7 +721,6 @@ def _disc_record(d: DiscTruth) -> dict[str, Any]:
 
 def write_case(case: PhantomCase, out_dir: str | Path, *, fmt: Literal["dicom", "nifti"] = "dicom") -> Path:
     """Write a case folder: ``dicom/`` or ``image.nii.gz``, ``labels.nii.gz`` and ``truth.json``."""
-    from discgeo.io.dicom import SeriesTags, write_dicom_series
     from discgeo.io.nifti import write_nifti
 
     out = Path(out_dir)
@@ -791,3 +793,140 @@ def generate_cohort(
         )
     )
     return folders
+
+
+# ------------------------------------------------------------------------------- synthetic DICOM
+@dataclass(frozen=True, kw_only=True)
+class SeriesTags:
+    """Identity and acquisition tags of a written MR series (all synthetic by default)."""
+
+    patient_id: str = "DISCGEO-0000"
+    patient_name: str = "Phantom^Discgeo"
+    study_uid: str | None = None
+    series_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    series_number: int = 1
+    series_description: str = "SAG T1 TSE"
+    contrast: str = "t1"
+    field_strength: float = 1.5
+    study_datetime: datetime = datetime(2025, 1, 1, 9, 0, 0)
+    uid_seed: str = "discgeo"
+
+
+_TIMING = {"t1": (550.0, 12.0, 3), "t2": (3500.0, 100.0, 17)}
+
+
+# Array layout written per plane, as RAS+ axis codes of (columns, rows, slices).
+_WRITE_LAYOUT = {"sagittal": ("P", "I", "R"), "coronal": ("L", "I", "P"), "axial": ("L", "P", "S")}
+
+
+def write_dicom_series(
+    volume: Volume,
+    out_dir: str | Path,
+    *,
+    tags: SeriesTags | None = None,
+    rescale: tuple[float, float] = (1.0, 0.0),
+    plane: str = "sagittal",
+) -> list[Path]:
+    """Write ``volume`` as a single-frame MR series (one file per slice).
+
+    For a sagittal series the array is reordered so that columns run posterior, rows run inferior
+    and slices run towards the patient's right (the usual layout); ``plane`` picks the slice axis
+    for coronal or axial series. Oblique affines are preserved exactly.
+    Stored values are ``round((value - intercept) / slope)`` as unsigned 16-bit integers.
+    """
+    tags = tags or SeriesTags()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slope, intercept = rescale
+    vol = volume.reoriented(_WRITE_LAYOUT[plane])
+    stored = np.rint((vol.array.astype(np.float64) - intercept) / slope)
+    if stored.min() < 0 or stored.max() > 65535:
+        raise ValueError("values do not fit unsigned 16 bits with this rescale; choose slope/intercept")
+    stored = stored.astype(np.uint16)
+    lps = LPS_TO_RAS @ vol.affine
+    sp = vol.spacing
+    row_cos = lps[:3, 0] / sp[0]
+    col_cos = lps[:3, 1] / sp[1]
+    normal = np.cross(row_cos, col_cos)
+
+    def uid(kind: str) -> UID:
+        return generate_uid(entropy_srcs=[tags.uid_seed, kind])
+
+    study_uid = UID(tags.study_uid) if tags.study_uid else uid("study")
+    series_uid = UID(tags.series_uid) if tags.series_uid else uid(f"series-{tags.series_number}")
+    for_uid = UID(tags.frame_of_reference_uid) if tags.frame_of_reference_uid else uid("frame-of-reference")
+    tr, te, echo_train = _TIMING.get(tags.contrast, _TIMING["t1"])
+    date = tags.study_datetime.strftime("%Y%m%d")
+    time = tags.study_datetime.strftime("%H%M%S")
+    high = int(stored.max())
+    paths = []
+    for k in range(stored.shape[2]):
+        position = lps[:3, :3] @ np.array([0.0, 0.0, k]) + lps[:3, 3]
+        sop_uid = uid(f"series-{tags.series_number}-instance-{k}")
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+        ds.AccessionNumber = ""
+        ds.Modality = "MR"
+        ds.Manufacturer = "discgeo"
+        ds.ManufacturerModelName = "synthetic phantom"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "LUMBAR SPINE MRI"
+        ds.SeriesDescription = tags.series_description
+        ds.ProtocolName = tags.series_description
+        ds.BodyPartExamined = "LSPINE"
+        ds.PatientName = tags.patient_name
+        ds.PatientID = tags.patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.PatientPosition = "HFS"
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = ["SK", "OSP"]
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.RepetitionTime = f"{tr:g}"
+        ds.EchoTime = f"{te:g}"
+        ds.EchoTrainLength = echo_train
+        ds.MagneticFieldStrength = f"{tags.field_strength:g}"
+        ds.ImagedNucleus = "1H"
+        ds.SliceThickness = f"{sp[2]:.6g}"
+        ds.SpacingBetweenSlices = f"{sp[2]:.6g}"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = tags.series_number
+        ds.InstanceNumber = k + 1
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_cos, *col_cos)]
+        ds.SliceLocation = f"{float(position @ normal):.6f}"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = stored.shape[1]
+        ds.Columns = stored.shape[0]
+        ds.PixelSpacing = [f"{sp[1]:.8g}", f"{sp[0]:.8g}"]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleIntercept = f"{intercept:g}"
+        ds.RescaleType = "US"
+        ds.WindowCenter = f"{(high * slope) / 2 + intercept:.0f}"
+        ds.WindowWidth = f"{max(high * slope, 1):.0f}"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()
+        path = out / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

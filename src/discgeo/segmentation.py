@@ -450,6 +450,12 @@ def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:
     return [int(v) for v in labels[np.argsort(centres[:, 2], kind="stable")]]
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1.0 when both are empty)."""
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return float(2 * np.count_nonzero(a & b) / total) if total else 1.0
+
+
 def dice_per_level(pred: Volume, truth: Volume) -> list[dict[str, Any]]:
     """Dice and IoU per disc level (levels from each map's own disc identification)."""
     from discgeo.geometry import find_discs
@@ -478,14 +484,12 @@ def dice_per_level(pred: Volume, truth: Volume) -> list[dict[str, Any]]:
     for level in sorted(set(p) | set(t), key=lambda name: levels.level_from_name(name) or 0):
         a = p.get(level, np.zeros(pred.shape, bool))
         b = t.get(level, np.zeros(pred.shape, bool))
-        inter = np.count_nonzero(a & b)
-        total = np.count_nonzero(a) + np.count_nonzero(b)
         union = np.count_nonzero(a | b)
         rows.append(
             {
                 "level": level,
-                "dice": float(2 * inter / total) if total else 1.0,
-                "iou": float(inter / union) if union else 1.0,
+                "dice": dice(a, b),
+                "iou": float(np.count_nonzero(a & b) / union) if union else 1.0,
                 "predicted": level in p,
                 "reference": level in t,
             }

@@ -14,9 +14,8 @@ import pydicom
 import pytest
 
 from discgeo.gateway.ingest import stow_body
-from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import client_headers, free_port, pipeline_services
-from discgeo.phantom import make_case
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 
 pytestmark = pytest.mark.slow
 

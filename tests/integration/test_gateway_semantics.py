@@ -19,9 +19,8 @@ import pytest
 
 from discgeo.config import GatewaySettings, Settings
 from discgeo.gateway import Gateway
-from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import free_port, orthanc
-from discgeo.phantom import make_case
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 from discgeo.pipeline import LocalStages, RemoteStages, ServiceURLs
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.local import free_port, orthanc, pipeline_services
-from discgeo.phantom import make_case
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 
 pytestmark = pytest.mark.slow
 

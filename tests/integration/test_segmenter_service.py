@@ -11,10 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from discgeo.io.dicom import write_dicom_series
 from discgeo.io.nifti import nifti_to_bytes
 from discgeo.local import ROOT, bentoml_service, client_headers
-from discgeo.phantom import make_case
+from discgeo.phantom import make_case, write_dicom_series
 from discgeo.segmentation import Segmenter
 
 pytestmark = pytest.mark.slow

@@ -23,8 +23,8 @@ from discgeo.errors import (
     TooLargeError,
 )
 from discgeo.io import read_dicom
-from discgeo.io.dicom import SeriesTags, scan, select_series, write_dicom_series
-from discgeo.phantom import make_case
+from discgeo.io.dicom import scan, select_series
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 from discgeo.volume import Volume
 
 

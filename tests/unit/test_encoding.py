@@ -7,7 +7,15 @@ import pytest
 
 from discgeo import realdata
 from discgeo.artifacts import load_artifact, write_artifact
-from discgeo.encoding import CropSpec, crop_disc, disc_crops, iou, pack_crops, unpack_crops
+from discgeo.encoding import (
+    CropSpec,
+    crop_disc,
+    disc_crops,
+    iou,
+    pack_crops,
+    sagittal_frame,
+    unpack_crops,
+)
 from discgeo.errors import ArtifactError, InvalidDataError, TooLargeError, UnsupportedFormatError
 from discgeo.geometry import find_discs, measure_disc, measure_discs
 from discgeo.io import read_labels
@@ -15,7 +23,9 @@ from discgeo.phantom import make_case
 from discgeo.volume import Volume
 
 ISO = CropSpec(64, (1.0, 1.0, 1.0))  # the first shipped crop: voxel counts are volumes in mm3
-SHIPPED = CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.75, 0.6]})
+SHIPPED = CropSpec.from_metadata(
+    {"crop_size": 64, "crop_spacing_mm": [1.0, 0.75, 0.35], "crop_alignment": "sagittal"}
+)
 CROP_SIZE = ISO.size
 
 
@@ -110,9 +120,35 @@ def test_shipped_crop_keeps_the_volume_of_real_native_masks():
 
 def test_crop_spec_from_metadata():
     assert CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": 1.0}) == ISO
-    assert SHIPPED.extent_mm == pytest.approx((64.0, 48.0, 38.4))
+    assert ISO.alignment == "voxel"  # artifacts without crop_alignment
+    assert SHIPPED.extent_mm == pytest.approx((64.0, 48.0, 22.4))
     with pytest.raises(ValueError, match="positive"):
         CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.0, 1.0]})
+    with pytest.raises(ValueError, match="alignment"):
+        CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": 1.0, "crop_alignment": "axial"})
+
+
+@pytest.mark.parametrize("tilt_deg", [-30.0, 0.0, 12.0, 30.0])
+def test_sagittal_crop_takes_out_the_tilt_and_keeps_the_volume(tilt_deg):
+    """A 40 x 30 x 6 mm slab tilted in the A-S plane: the frame finds its normal, the crop holds the
+    slab's volume within 2 % and spans its 6 mm thickness along S (not the ~20 mm of its tilted box),
+    the same crop whatever the tilt."""
+    spacing = np.array([1.0, 0.5, 0.5])
+    axes = [np.arange(n) * d for n, d in zip((60, 120, 120), spacing, strict=True)]
+    r, a, s = np.meshgrid(*axes, indexing="ij")
+    t = np.radians(tilt_deg)
+    a0, s0 = a - 30, s - 30
+    along, across = a0 * np.cos(t) + s0 * np.sin(t), -a0 * np.sin(t) + s0 * np.cos(t)
+    mask = (np.abs(r - 30) < 20) & (np.abs(along) < 15) & (np.abs(across) < 3)
+    idx = np.argwhere(mask)
+    frame = sagittal_frame(idx * spacing)
+    assert np.degrees(np.arctan2(frame[2, 1], frame[2, 2])) == pytest.approx(-tilt_deg, abs=0.5)
+    crop = crop_disc(mask, np.diag([*spacing, 1.0]), spec=SHIPPED)
+    assert crop is not None
+    voxel_mm3 = float(np.prod(SHIPPED.spacing_mm))
+    assert crop.sum() * voxel_mm3 == pytest.approx(mask.sum() * float(np.prod(spacing)), rel=0.02)
+    s_extent = np.ptp(np.argwhere(crop)[:, 2]) + 1
+    assert s_extent * SHIPPED.spacing_mm[2] == pytest.approx(6.0, abs=1.0)
 
 
 def test_artifact_verification(tmp_path):

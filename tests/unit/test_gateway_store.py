@@ -27,7 +27,7 @@ from discgeo.gateway.ingest import (
     stow_store,
 )
 from discgeo.gateway.store import REPLICA_STALE_S, JobStore, load_secret
-from discgeo.io.dicom import SeriesTags, write_dicom_series
+from discgeo.phantom import SeriesTags, write_dicom_series
 from discgeo.volume import Volume
 
 

@@ -182,9 +182,9 @@ def test_measure_cli_table_and_json(ivd_dir, tmp_path, capsys):
 def test_measure_from_dicom_seg_matches_nifti(tmp_path):
     import pydicom
 
-    from discgeo.io.dicom import write_dicom_series
     from discgeo.io.provenance import Provenance
     from discgeo.io.seg import write_seg
+    from discgeo.phantom import write_dicom_series
 
     c = make_case(8, 1, spacing=(3.3, 0.8, 0.8), rotation_deg=(8.0, 0.0, 0.0))
     files = write_dicom_series(c.image, tmp_path / "dicom")

@@ -16,11 +16,10 @@ from pydicom.tag import Tag
 
 from discgeo.api import process_study
 from discgeo.config import Settings
-from discgeo.io.dicom import SeriesTags, write_dicom_series
 from discgeo.io.outputs import NARROWING, NARROWING_PROBABILITY, QUALITY_FLAGS, RESEARCH_USE, SR_MEASUREMENTS
 from discgeo.io.provenance import Provenance
 from discgeo.levels import level_from_name
-from discgeo.phantom import make_case
+from discgeo.phantom import SeriesTags, make_case, write_dicom_series
 from discgeo.schemas import StudyResult
 
 

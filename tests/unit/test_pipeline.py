@@ -19,8 +19,8 @@ from discgeo.config import Settings
 from discgeo.encoding import Encoder
 from discgeo.errors import ModelMismatchError
 from discgeo.io import read_labels
-from discgeo.io.dicom import read_dicom_study, write_dicom_series
-from discgeo.phantom import make_case
+from discgeo.io.dicom import read_dicom_study
+from discgeo.phantom import make_case, write_dicom_series
 from discgeo.pipeline import LocalStages
 from discgeo.schemas import StudyResult
 from discgeo.segmentation import Segmenter

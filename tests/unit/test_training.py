@@ -128,7 +128,7 @@ def test_autoencoder_training_and_float32_export_figures(tmp_path):
 
     from discgeo.artifacts import load_artifact
     from discgeo.encoding import Encoder, iou
-    from training.autoencoder import export, train
+    from training.autoencoder import CROP, export, train
     from training.torchrun import resolve_precision
 
     # eight boxes of different sizes: six for training, one held-out phantom, one held-out "real"
@@ -179,9 +179,10 @@ def test_autoencoder_training_and_float32_export_figures(tmp_path):
     assert quality["held_out_real"]["patients"] == ["ivd-25"]
     # the unusual_shape threshold is the held-out real discs' lower Tukey fence, kept in the artifact
     assert metadata["unusual_shape"]["held_out_real_discs"] == 1
-    assert metadata["crop_size"] == 64 and metadata["crop_spacing_mm"] == [1.0, 0.75, 0.6]
+    assert metadata["crop_size"] == 64 and metadata["crop_spacing_mm"] == [1.0, 0.75, 0.35]
     # the recorded figure is what the shipped ONNX models give through the inference path
     encoder = Encoder.from_artifact(tmp_path / "artifact")
+    assert encoder.crop_spec == CROP and CROP.alignment == "sagittal"  # the artifact owns its crop
     recon = encoder.decode(encoder.encode(crops[:6])) >= 0.5
     assert quality["train"]["mean_iou"] == pytest.approx(float(iou(recon, crops[:6]).mean()), abs=2e-3)
     assert metadata["metrics"]["train_iou"] == quality["train"]["mean_iou"]
