@@ -118,7 +118,7 @@ def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.nda
         axes = [centre[a] + offsets[a] for a in range(3)]
         grid_mm = np.meshgrid(*axes, indexing="ij")  # cube coordinates in mm
         points = np.einsum("ai,a...->i...", frame, np.stack(grid_mm))  # back to voxel-axis mm
-        grid = [points[i] / spacing[i] for i in range(3)]
+        grid = points / spacing[:, None, None, None]  # [axis, R, A, S] voxel coordinates
     else:
         lo = (idx.min(axis=0) - 0.5) * spacing  # bounding box in mm along the voxel axes
         hi = (idx.max(axis=0) + 0.5) * spacing
@@ -135,7 +135,7 @@ def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.nda
                 if start <= idx[:, a].min() and start + step[a] * (size - 1) >= idx[:, a].max():
                     first[a] = start
                     break
-        grid = np.meshgrid(*[first[a] + step[a] * np.arange(size) for a in range(3)], indexing="ij")
+        grid = np.stack(np.meshgrid(*[first[a] + step[a] * np.arange(size) for a in range(3)], indexing="ij"))
     values = ndimage.map_coordinates(
         mask.astype(np.float32), grid, order=1, mode="grid-constant", cval=0.0, prefilter=False
     )

@@ -46,9 +46,10 @@ def test_healthy_discs_are_rarely_called_narrowed(measured):
     assert every["discs"] == 145 and every["subjects"] == 29
     assert every["called_narrowed_share"] <= 0.10  # the goal overall (was 63 %)
     by_level = every["called_narrowed_by_level"]
-    # every level but L5-S1 meets the goal of 10 %; L5-S1 (17 %, 5 of 29) does not yet
+    # every level but L5-S1 meets the goal of 10 %; L5-S1 calls 3 of 29 (10.3 %, was 5): the three
+    # discs that the grading rule itself calls narrowed (discgeo.reference; ivd-14, -23, -29)
     assert max(v for level, v in by_level.items() if level != "L5-S1") <= 0.10
-    assert by_level["L5-S1"] <= 0.2
+    assert by_level["L5-S1"] <= 3 / 29 + 1e-9
 
 
 def test_unusual_shape_flags_only_outliers(shipped, measured):
@@ -60,8 +61,8 @@ def test_unusual_shape_flags_only_outliers(shipped, measured):
 
 
 def test_real_t2_cases_through_the_pipeline(shipped):
-    """The goal is no disc called narrowed in these healthy subjects; one of the 15 found (case-25
-    L3-L4, probability 0.30 against the threshold 0.26) still is."""
+    """No disc called narrowed in these healthy subjects (the highest probability of the 15 is 0.12,
+    against the threshold 0.25)."""
     encoder, classifier = shipped
     stages = LocalStages(encoder=encoder, classifier=classifier)
     called = {}
@@ -69,4 +70,4 @@ def test_real_t2_cases_through_the_pipeline(shipped):
         result, _ = analyse_study(read_volume(realdata.ivd_t2_dir() / f"{case}.nii.gz"), stages, study=case)
         assert len(result.discs) >= 5
         called[case] = [d.level for d in result.discs if d.narrowing]
-    assert sum(len(v) for v in called.values()) <= 1, called
+    assert not any(called.values()), called
