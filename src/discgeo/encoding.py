@@ -3,16 +3,17 @@
 Disc crops
 ----------
 The encoder artifact owns its preprocessing: its ``metadata.json`` states the crop's size (voxels per
-side) and its spacing in mm along each RAS+ voxel axis (:class:`CropSpec`); :meth:`Encoder.crop` cuts
-every disc of a label map accordingly, so nothing else in the pipeline knows those numbers. Each disc
-mask is taken in RAS+ voxel order (the canonical orientation of every discgeo volume), resampled to
-that grid and centred by its bounding box. Where the crop spacing is a whole multiple of the mask's
-along an axis, the mask is copied voxel for voxel; elsewhere trilinear interpolation is binarised with
-the volume kept (a threshold of 0.5 alone made 1 mm discs one voxel longer along each axis of odd
-extent: up to +16 % volume on the real cases). Size is kept (no rescaling). With the artifact's
-``crop_alignment`` ``voxel``, tilt is kept too, as in the reference study; with ``sagittal`` the cube is
-turned about R to the disc's own sagittal tilt (which :mod:`discgeo.geometry` reports in degrees), so the
-code need not spend a number on it and the cube can be thin along the disc's height. A disc whose
+side), its spacing in mm along each of the cube's axes and its alignment (:class:`CropSpec`);
+:meth:`Encoder.crop` cuts every disc of a label map accordingly, so nothing else in the pipeline knows
+those numbers. Each disc mask is taken in RAS+ voxel order (the canonical orientation of every discgeo
+volume), resampled to the cube and centred by its bounding box in the cube's axes. With the artifact's
+``crop_alignment`` ``voxel`` the cube's axes are the voxel axes and the tilt is kept, as in the reference
+study; with ``sagittal`` (the shipped crop) the cube is turned about R to the disc's own sagittal tilt
+(which :mod:`discgeo.geometry` reports in degrees), so the code need not spend a number on it and the
+cube can be fine along the disc's height. Where an untilted cube's spacing is a whole multiple of the
+mask's along an axis, the mask is copied voxel for voxel; elsewhere trilinear interpolation is
+binarised with the volume kept (a threshold of 0.5 alone made 1 mm discs one voxel longer along each
+axis of odd extent: up to +16 % volume on the real cases). Size is kept (no rescaling). A disc whose
 bounding box exceeds the cube is reported in :class:`CropResult.too_large`, never cut.
 """
 
