@@ -3,10 +3,10 @@
     bentoml serve services/encoder/service.py:Encoder --port 3002
 
 ``/encode_discs`` takes a label map (NIfTI) and crops every disc as the artifact prescribes (its
-``crop_size`` and ``crop_spacing_mm``): the pipeline's path. ``/encode`` takes crops already cut to that
-spec (packed bits, ``discgeo.encoding.pack_crops``). ``Encoder`` (HTTP, one file per request) hands
-the crops to ``EncoderModel``, whose batchable API lets BentoML's adaptive batching merge concurrent
-requests into one ONNX Runtime call.
+``crop_size``, ``crop_spacing_mm`` and ``crop_alignment``): the pipeline's path. ``/encode`` takes
+crops already cut to that spec (packed bits, ``discgeo.encoding.pack_crops``). ``Encoder`` (HTTP, one
+file per request) hands the crops to ``EncoderModel``, whose batchable API lets BentoML's adaptive
+batching merge concurrent requests into one ONNX Runtime call.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class EncoderModel:
             "provider": self.model.provider,
             "crop_size": self.model.crop_spec.size,
             "crop_spacing_mm": list(self.model.crop_spec.spacing_mm),
+            "crop_alignment": self.model.crop_spec.alignment,
             "unusual_below": self.model.unusual_below,
         }
 
