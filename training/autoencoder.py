@@ -577,9 +577,7 @@ def export(
         "name": "discgeo-disc-autoencoder",
         "version": f"0.4.0-b{bottleneck}-e{state['epoch'] + 1}",
         "latent_dim": bottleneck,
-        "crop_size": CROP.size,
-        "crop_spacing_mm": list(CROP.spacing_mm),
-        "crop_alignment": CROP.alignment,
+        **CROP.to_metadata(),
         "unusual_shape": unusual,
         "files": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
         "inputs": {

@@ -67,9 +67,7 @@ class EncoderModel:
         return {
             "version": self.model.version,
             "provider": self.model.provider,
-            "crop_size": self.model.crop_spec.size,
-            "crop_spacing_mm": list(self.model.crop_spec.spacing_mm),
-            "crop_alignment": self.model.crop_spec.alignment,
+            **self.model.crop_spec.to_metadata(),
             "unusual_below": self.model.unusual_below,
         }
 

@@ -66,6 +66,14 @@ class CropSpec:
         alignment = str(metadata.get("crop_alignment", "voxel"))
         return cls(int(metadata["crop_size"]), (values[0], values[1], values[2]), alignment)
 
+    def to_metadata(self) -> dict[str, Any]:
+        """The artifact's fields for this crop (what :meth:`from_metadata` reads)."""
+        return {
+            "crop_size": self.size,
+            "crop_spacing_mm": list(self.spacing_mm),
+            "crop_alignment": self.alignment,
+        }
+
     @property
     def extent_mm(self) -> tuple[float, float, float]:
         """What the cube covers along each axis."""
@@ -106,16 +114,17 @@ def crop_disc(mask: np.ndarray, affine: np.ndarray, *, spec: CropSpec) -> np.nda
     spacing = np.round(np.linalg.norm(affine[:3, :3], axis=0), 5)
     size = spec.size
     spacing_mm = np.asarray(spec.spacing_mm)
-    offsets = (np.arange(size) - (size - 1) / 2)[None, :] * spacing_mm[:, None]  # [axis, t] in mm
     if spec.alignment == "sagittal":
-        frame = sagittal_frame(idx * spacing)  # rows: the cube's R, A, S axes in voxel-axis mm
-        along = idx * spacing @ frame.T
+        points_mm = idx * spacing
+        frame = sagittal_frame(points_mm)  # rows: the cube's R, A, S axes in voxel-axis mm
+        along = points_mm @ frame.T
         # a voxel's half-extent along each cube axis: half its box projected onto that axis
         half = 0.5 * np.abs(frame) @ spacing
         lo, hi = along.min(axis=0) - half, along.max(axis=0) + half
         if np.any(hi - lo > size * spacing_mm):
             return None
         centre = (lo + hi) / 2
+        offsets = (np.arange(size) - (size - 1) / 2)[None, :] * spacing_mm[:, None]  # [axis, t] in mm
         axes = [centre[a] + offsets[a] for a in range(3)]
         grid_mm = np.meshgrid(*axes, indexing="ij")  # cube coordinates in mm
         points = np.einsum("ai,a...->i...", frame, np.stack(grid_mm))  # back to voxel-axis mm

@@ -121,6 +121,7 @@ def test_shipped_crop_keeps_the_volume_of_real_native_masks():
 def test_crop_spec_from_metadata():
     assert CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": 1.0}) == ISO
     assert ISO.alignment == "voxel"  # artifacts without crop_alignment
+    assert CropSpec.from_metadata(SHIPPED.to_metadata()) == SHIPPED  # the artifact's fields round-trip
     assert SHIPPED.extent_mm == pytest.approx((64.0, 48.0, 22.4))
     with pytest.raises(ValueError, match="positive"):
         CropSpec.from_metadata({"crop_size": 64, "crop_spacing_mm": [1.0, 0.0, 1.0]})
