@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from discgeo import realdata
 from discgeo.config import SEGMENTER_MODES
@@ -120,6 +122,53 @@ def prepare(
     return x.astype(np.float16), y.astype(np.uint8)
 
 
+IGNORE = 2  # label value of voxels whose class is unknown (partial labels): no loss there
+BULGE_MM = 3.0  # around a pseudo-labelled disc: its rim may bulge past the bodies, left unknown
+SACRUM_MARGIN_MM = 30.0  # below the lowest labelled body: the L5-S1 disc may reach this far down
+MAX_DISC_GAP_MM = 20.0  # a gap between two bodies taller than this along S is not a disc space
+
+
+def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Disc training labels (0 background, 1 disc, :data:`IGNORE` unknown) from vertebral-body masks
+    alone (RAS+ voxel order, axis 2 superior; bodies labelled 1 = lowest, counting upward), for
+    healthy spines. Between two adjacent bodies the disc fills the disc space: in each column along S
+    that meets both, the voxels between the lower body's top and the upper body's bottom are disc
+    (where that gap is at most :data:`MAX_DISC_GAP_MM`). Unknown: a :data:`BULGE_MM` rim around those
+    discs, everything below the lowest body down to :data:`SACRUM_MARGIN_MM` under it (the L5-S1 disc
+    has no labelled body below it), and everything above the top of the highest body's lower surface
+    (the next disc up). Background: every body voxel, the rest of the spine between the labelled
+    bodies, and the sacrum and pelvis further down: no lumbar disc lies there."""
+    present = sorted(int(v) for v in np.unique(bodies) if v > 0)
+    if len(present) < 2:
+        raise ValueError("vertebral-body partial labels need at least two labelled bodies")
+    s_index = np.arange(bodies.shape[2])
+    disc = np.zeros(bodies.shape, bool)
+    for lower, upper in itertools.pairwise(present):
+        if upper != lower + 1:
+            continue
+        low, up = bodies == lower, bodies == upper
+        top = np.where(low.any(axis=2), bodies.shape[2] - 1 - np.argmax(low[:, :, ::-1], axis=2), -1)
+        bottom = np.where(up.any(axis=2), np.argmax(up, axis=2), -1)
+        gap = (bottom - top - 1) * spacing[2]
+        column = (top >= 0) & (bottom >= 0) & (gap > 0) & (gap <= MAX_DISC_GAP_MM)
+        disc |= column[:, :, None] & (s_index > top[:, :, None]) & (s_index < bottom[:, :, None])
+    is_body = bodies > 0
+    disc &= ~is_body
+    out = np.zeros(bodies.shape, np.uint8)
+    radius = [max(1, round(BULGE_MM / mm)) for mm in spacing]
+    rim = ndimage.binary_dilation(disc, structure=np.ones([2 * r + 1 for r in radius], bool))
+    out[rim & ~is_body] = IGNORE
+    lowest = np.flatnonzero((bodies == present[0]).any(axis=(0, 1)))[0]
+    below = max(0, lowest - round(SACRUM_MARGIN_MM / spacing[2]))
+    highest = bodies == present[-1]
+    highest_bottom = np.where(highest.any(axis=2), np.argmax(highest, axis=2), bodies.shape[2])
+    above = int(highest_bottom.min())  # the lowest point of the highest body's lower surface
+    out[:, :, below:lowest][~is_body[:, :, below:lowest]] = IGNORE
+    out[:, :, above:][~is_body[:, :, above:]] = IGNORE
+    out[disc] = 1
+    return out
+
+
 def _write_phantom(out: Path, seed: int, config_name: str, case: int) -> dict[str, str]:
     from discgeo.phantom import make_case
 
@@ -147,11 +196,44 @@ def write_spider_series(
     return {"name": name, "source": "spider"}
 
 
+def vb_mri_split() -> tuple[list[str], list[str]]:
+    """The ``vb-mri`` volumes (one subject each) trained on and held out: within each source, in name
+    order, every second volume is held out (VB2: 5 train / 4 held out; VB3: 13 / 12)."""
+    train, held = [], []
+    for source in ("VB2", "VB3"):
+        names = realdata.vb_mri_volumes(source)
+        train += names[0::2]
+        held += names[1::2]
+    return train, held
+
+
+def write_vb_mri_volume(out: Path, name: str, config: dict[str, Any]) -> dict[str, str]:
+    """Cache one ``vb-mri`` volume with the partial disc labels of its vertebral bodies
+    (:func:`vertebra_partial_labels`) at the configuration's spacing as ``OUT/vb-<name>.npz``."""
+    from discgeo.io import read_labels, read_volume
+
+    image = read_volume(realdata.vb_mri_dir() / f"{name}.nii.gz")
+    bodies = read_labels(realdata.vb_mri_dir() / f"{name}_vertebrae.nii.gz")
+    labels = vertebra_partial_labels(np.asarray(bodies.array), bodies.spacing)
+    x = resample(normalise(image.array), image.spacing, config["spacing"])
+    y = resample(labels, image.spacing, config["spacing"], order=0)  # nearest: the classes stay
+    np.savez_compressed(out / f"vb-{name}.npz", image=x.astype(np.float16), labels=y.astype(np.uint8))
+    return {"name": f"vb-{name}", "source": "vb-mri"}
+
+
 def build_data(
-    out: Path, *, phantoms: int, seed: int, config_name: str, spider: Path | None, workers: int = 1
+    out: Path,
+    *,
+    phantoms: int,
+    seed: int,
+    config_name: str,
+    spider: Path | None,
+    workers: int = 1,
+    vb_mri: bool = True,
 ) -> dict[str, Any]:
-    """Cache training volumes at the model's spacing: phantoms (``workers`` processes), real cases
-    and optionally SPIDER."""
+    """Cache training volumes at the model's spacing: phantoms (``workers`` processes), the real T2
+    cases, the training half of ``vb-mri`` with partial labels (unless ``vb_mri`` is False) and
+    optionally SPIDER."""
     from tqdm import tqdm
 
     from discgeo.io import read_labels, read_volume
@@ -167,6 +249,8 @@ def build_data(
         x, y = prepare(image.array, labels.array, image.spacing, config)
         np.savez_compressed(out / f"{case}.npz", image=x, labels=y)
         index.append({"name": case, "source": "real-t2"})
+    for name in tqdm(vb_mri_split()[0] if vb_mri else [], desc="vb-mri", unit="volume"):
+        index.append(write_vb_mri_volume(out, name, config))
     if spider is not None:
         masks = sorted((spider / "masks").glob("*.mha"))
         pairs = [(m, spider / "images" / m.name) for m in masks if (spider / "images" / m.name).is_file()]
@@ -261,7 +345,7 @@ def _samples(
         if dims == 3:
             items += [{"image": image[None], "label": labels[None]}] * repeat
             continue
-        with_disc = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+        with_disc = np.flatnonzero((labels.reshape(labels.shape[0], -1) == 1).any(axis=1))
         without = np.setdiff1d(np.arange(labels.shape[0]), with_disc)
         chosen = list(with_disc) + list(rng.choice(without, size=min(len(without), 2), replace=False))
         items += [{"image": image[i][None], "label": labels[i][None]} for i in chosen] * repeat
@@ -294,6 +378,107 @@ def _batches(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (soft Dice per sample and class, both
+    classes, plus mean cross-entropy) over the voxels whose label is not :data:`IGNORE`; with no
+    ignored voxel it is that loss exactly (tested)."""
+    target = target[:, 0].long()
+    valid = target != IGNORE
+    known = torch.where(valid, target, torch.zeros_like(target))
+    ce = torch.nn.functional.cross_entropy(logits, known, reduction="none")
+    weight = valid.float()
+    ce = (ce * weight).sum() / weight.sum().clamp_min(1.0)
+    probability = torch.softmax(logits, dim=1)
+    onehot = torch.nn.functional.one_hot(known, logits.shape[1]).movedim(-1, 1).float()
+    mask = weight[:, None]
+    axes = tuple(range(2, logits.ndim))
+    intersection = (probability * onehot * mask).sum(axes)
+    total = (probability * mask).sum(axes) + (onehot * mask).sum(axes)
+    smooth = 1e-5
+    dice_loss = 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+    return dice_loss.mean() + ce
+
+
+def weights_from_onnx(model: torch.nn.Module, path: Path) -> None:
+    """Load a ``cpu``/``wide`` SwinUNETR-V2 exported by :func:`export_onnx` back into ``model``.
+
+    The dynamo exporter keeps most parameters under their names; it stores each linear layer's weight
+    transposed under a generated name (found as the MatMul before the Add of the layer's named bias, or
+    after the patch-merging norm for the bias-free reduction) and each attention block's relative
+    position bias gathered through the block's index (``[1, heads, 49, 49]`` or ``[49 * 49, heads]``,
+    in the order of the blocks in the graph). Every table row occurs in the index, so the tables are
+    recovered exactly. Raises ValueError when the graph does not fit the model."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    first_use: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+            first_use.setdefault(name, i)
+    passing = ("Reshape", "Transpose")
+
+    def upstream_matmul(tensor: str) -> np.ndarray | None:
+        node = producer.get(tensor)
+        while node is not None and node.op_type in passing:
+            node = producer.get(node.input[0])
+        ok = node is not None and node.op_type == "MatMul" and node.input[1] in stored
+        return stored[node.input[1]] if ok else None
+
+    def downstream_matmul(tensor: str) -> np.ndarray | None:
+        nodes = consumers.get(tensor, [])
+        while len(nodes) == 1 and nodes[0].op_type in passing:
+            nodes = consumers.get(nodes[0].output[0], [])
+        ok = len(nodes) == 1 and nodes[0].op_type == "MatMul" and nodes[0].input[1] in stored
+        return stored[nodes[0].input[1]] if ok else None
+
+    state = model.state_dict()
+    weights: dict[str, np.ndarray] = {}
+    tables = [k for k in state if k.endswith("relative_position_bias_table")]
+    for key, value in state.items():
+        if key in stored:
+            weights[key] = stored[key]
+        elif key.endswith("relative_position_index"):
+            weights[key] = value.numpy()
+        elif key.endswith(".weight") and key not in tables:
+            found = None
+            bias = key.removesuffix("weight") + "bias"
+            for add in consumers.get(bias, []):
+                if found is None:
+                    found = upstream_matmul(next(x for x in add.input if x != bias))
+            if bias not in stored:  # patch merging: norm, then a linear layer without bias
+                for norm in consumers.get(key.replace("reduction.weight", "norm.weight"), []):
+                    found = downstream_matmul(norm.output[0])
+            if found is None or found.T.shape != tuple(value.shape):
+                raise ValueError(f"{path}: no weight for {key} in the graph")
+            weights[key] = found.T
+    gathered = sorted(
+        (
+            n
+            for n, a in stored.items()
+            if (a.ndim == 4 and a.shape[0] == 1 and a.shape[2] == a.shape[3] == 49)
+            or (a.ndim == 2 and a.shape[0] == 49 * 49)
+        ),
+        key=lambda n: first_use.get(n, len(graph.node)),
+    )
+    if len(gathered) != len(tables):
+        raise ValueError(f"{path}: {len(gathered)} stored position biases for {len(tables)} attention blocks")
+    for key, name in zip(tables, gathered, strict=True):
+        index = state[key.replace("bias_table", "index")].numpy().reshape(-1)
+        array = stored[name]
+        flat = array[0].reshape(array.shape[1], -1).T if array.ndim == 4 else array  # [49 * 49, heads]
+        table = np.zeros(tuple(state[key].shape), np.float32)
+        if flat.shape[1] != table.shape[1] or len(np.unique(index)) != len(table):
+            raise ValueError(f"{path}: stored position bias {name} {array.shape} does not fit {key}")
+        table[index] = flat
+        weights[key] = table
+    model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in weights.items()})
 
 
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
@@ -341,12 +526,12 @@ def train(
     lr: float | None = None,
     snapshots_from: int | None = None,
     workers: int = 0,
+    init_from: Path | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run; with ``snapshots_from``, the weights of every epoch from that one
-    (1-based) on are also kept as ``RUN/epoch-NNN.pt`` for :func:`average`."""
+    (1-based) on are also kept as ``RUN/epoch-NNN.pt`` for :func:`average`. A new run starts from the
+    weights of the segmenter artifact ``init_from`` when given (fine-tuning; :func:`weights_from_onnx`)."""
     precision = resolve_precision(precision)
-    from monai.losses import DiceCELoss
-
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     config = CONFIGS[config_name]
@@ -365,6 +550,15 @@ def train(
     start, history, best = 0, [], -1.0
     train_names, val_names = _split(index, exclude, seed)
     split_seed = seed
+    init = None
+    if init_from is not None and not (run / "last.pt").exists():
+        metadata = json.loads((init_from / "metadata.json").read_text())
+        if metadata["training"]["config"] != config_name:
+            other = metadata["training"]["config"]
+            raise SystemExit(f"{init_from} is a '{other}' model, not '{config_name}'")
+        weights_from_onnx(model, init_from / metadata["files"]["model"])
+        init = {"artifact": str(init_from), "version": metadata["version"], "training": metadata["training"]}
+        print(f"starting from {metadata['version']} ({init_from})")
     if (run / "last.pt").exists():
         state = torch.load(run / "last.pt", weights_only=False, map_location=device())
         if state["config"] != config_name:
@@ -376,14 +570,15 @@ def train(
         optimiser.load_state_dict(state["optimiser"])
         set_lr(optimiser, lr)
         start, history, best = state["epoch"] + 1, state["history"], state["best"]
+        init = state.get("init_from")
         if sorted(state["exclude"]) != sorted(exclude):
             raise SystemExit(f"{run} was trained with --exclude {' '.join(state['exclude']) or '(none)'}")
         # the split is the run's, whatever --seed says now (the seed then only changes sampling)
         train_names, val_names, split_seed = state["train"], state["validation"], state["seed"]
         print(f"resumed at epoch {start}")
     train_volumes, val_volumes = _load(data, train_names), _load(data, val_names)
-    repeats = [1 if name.startswith("phantom") else real_weight for name in train_names]
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # the three real T2 cases (and SPIDER) are oversampled; phantoms and the many vb-mri volumes are not
+    repeats = [1 if name.startswith(("phantom", "vb-")) else real_weight for name in train_names]
     transforms = _transforms(config, _seed(seed, start))  # a resumed stage draws new augmentations
     started = time.monotonic()
     for epoch in range(start, epochs):
@@ -398,7 +593,7 @@ def train(
             y = batch["label"].long().to(device(), non_blocking=True)
             with autocast(precision):
                 logits = model(x)
-            value = loss_fn(logits.float(), y)
+            value = dice_ce_loss(logits.float(), y)
             optimiser.zero_grad()
             value.backward()
             optimiser.step()
@@ -430,6 +625,7 @@ def train(
             "precision": precision,
             "train": train_names,
             "validation": val_names,
+            **({"init_from": init} if init else {}),
         }
         save_checkpoint(state, run / "last.pt")
         if record["val_dice"] > best:
@@ -548,11 +744,17 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
             f"from its folder with DISCGEO_SEGMENTER_ARTIFACT={out}"
         )
     recipe = _recipe(state)
+    averaged = f"-avg{len(state['averaged'])}" if "averaged" in state else ""
+    init = state.get("init_from")
+    version = (
+        f"{init['version']}+ft{state['epoch'] + 1}{averaged}"  # fine-tuned from that artifact
+        if init
+        else f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}{averaged}"
+    )
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
-        "version": f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}"
-        + (f"-avg{len(state['averaged'])}" if "averaged" in state else ""),
+        "version": version,
         "dims": config["dims"],
         "spacing_mm": list(config["spacing"]),
         "inference_spacings_mm": {
@@ -572,6 +774,8 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
             **recipe,
             "train_cases": len(state["train"]),
             "validation_cases": state["validation"],
+            "vb_mri_trained": sorted(n.removeprefix("vb-") for n in state["train"] if n.startswith("vb-")),
+            **({"init_from": init} if init else {}),
             "command": "python -m training.segmenter data/train/export (see training/segmenter.py)",
         },
         "metrics": {
@@ -818,6 +1022,9 @@ def main() -> None:
     d.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     d.add_argument("--spider", type=Path, help="SPIDER root with images/ and masks/")
     d.add_argument("--workers", type=int, default=1, help="processes making phantoms")
+    d.add_argument(
+        "--no-vb-mri", dest="vb_mri", action="store_false", help="leave out the vb-mri partial labels"
+    )
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")
     t.add_argument("--run", type=Path, default=ROOT / "build" / "seg-run")
@@ -833,7 +1040,8 @@ def main() -> None:
         "--real-weight",
         type=int,
         default=1,
-        help="each real or SPIDER case's slices appear this many times per epoch (phantoms once)",
+        help="each real T2 or SPIDER case's slices appear this many times per epoch "
+        "(phantoms and vb-mri volumes once)",
     )
     t.add_argument(
         "--precision",
@@ -847,6 +1055,12 @@ def main() -> None:
         type=int,
         metavar="EPOCH",
         help="also keep the weights of every epoch from this one on (RUN/epoch-NNN.pt, for `average`)",
+    )
+    t.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="ARTIFACT",
+        help="start a new run from this segmenter artifact's weights (fine-tuning; e.g. models/segmenter)",
     )
     t.add_argument(
         "--lr",
@@ -883,6 +1097,7 @@ def main() -> None:
             config_name=args.config,
             spider=args.spider,
             workers=args.workers,
+            vb_mri=args.vb_mri,
         )
     elif args.command == "train":
         train(
@@ -900,6 +1115,7 @@ def main() -> None:
             lr=args.lr,
             snapshots_from=args.snapshots_from,
             workers=args.workers,
+            init_from=args.init_from,
         )
     elif args.command == "average":
         average(args.checkpoints, args.data, args.out)

@@ -56,6 +56,12 @@ def vb_mri_dir() -> Path:
     return root() / "vb-mri"
 
 
+def vb_mri_volumes(source: str | None = None) -> list[str]:
+    """The ``vb-mri`` volume names (``VB2-02`` ...), of one source (``VB2``, ``VB3``) or all, sorted."""
+    names = sorted(p.name.removesuffix(".nii.gz") for p in vb_mri_dir().glob("VB*-[0-9][0-9].nii.gz"))
+    return [n for n in names if source is None or n.startswith(f"{source}-")]
+
+
 def spider_format_dir() -> Path:
     """``spider-format/``: one real SPIDER mask and SPIDER's gradings."""
     return root() / "spider-format"
