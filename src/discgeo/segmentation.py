@@ -370,23 +370,33 @@ def mean_probability(probabilities: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 0.5) -> np.ndarray:
-    """Merge components that sit at the same height: discs are stacked along the spine, so two pieces
-    whose superior-inferior extents overlap by more than ``overlap`` of the thinner one are one disc."""
+    """Merge components that sit at the same level of the spine: discs are stacked along it, so two
+    pieces whose extents along the spine's local axis overlap by more than ``overlap`` of the thinner
+    one are one disc.
+
+    The local axis of a pair is the normal (least-spread direction) of the disc-sized component
+    nearest to them, which may be one of the two (disc-sized: at least half the median of the
+    :data:`TYPICAL_DISCS` largest; a disc is a thin slab, so its normal is well defined); with none,
+    the superior axis. A disc split into front and back pieces at the lumbosacral junction, tilted by
+    30 degrees or more, overlaps itself along its neighbour's normal but not along the superior axis;
+    two adjacent discs overlap along neither."""
     values = _present(parts)
-    boxes = ndimage.find_objects(parts)
-    extent = {}
+    if len(values) < 2:
+        return parts
+    index = np.nonzero(parts)
+    points = np.stack(index, axis=1) @ affine[:3, :3].T + affine[:3, 3]
+    owner = parts[index]
+    members = {v: points[owner == v] for v in values}
+    centres = {v: m.mean(axis=0) for v, m in members.items()}
+    sizes = {v: len(m) for v, m in members.items()}
+    typical = float(np.median(sorted(sizes.values())[-TYPICAL_DISCS:]))
+    normals = {}
     for v in values:
-        box = boxes[v - 1]
-        assert box is not None
-        corners = np.array(
-            [
-                [b.start if pick else b.stop - 1 for b, pick in zip(box, bits, strict=True)]
-                for bits in np.ndindex(2, 2, 2)
-            ],
-            dtype=float,
-        )
-        z = corners @ affine[2, :3] + affine[2, 3]
-        extent[v] = (float(z.min()), float(z.max()))
+        if sizes[v] >= 0.5 * typical and sizes[v] >= 10:
+            centred = members[v] - centres[v]
+            normal = np.linalg.eigh(centred.T @ centred)[1][:, 0]
+            normals[v] = normal if normal[2] >= 0 else -normal
+    half_voxel = 0.5 * np.linalg.norm(affine[:3, :3], axis=0)
     target = {v: v for v in values}
 
     def root(v: int) -> int:
@@ -396,7 +406,13 @@ def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 
 
     for i, a in enumerate(values):
         for b in values[i + 1 :]:
-            (a0, a1), (b0, b1) = extent[a], extent[b]
+            middle = (centres[a] + centres[b]) / 2
+            nearest = min(normals, key=lambda v: float(np.linalg.norm(centres[v] - middle)), default=None)
+            axis = normals[nearest] if nearest is not None else np.array([0.0, 0.0, 1.0])
+            pad = float(half_voxel @ np.abs(axis))  # a voxel's half-extent along the axis
+            (a0, a1), (b0, b1) = (
+                (float(p.min()) - pad, float(p.max()) + pad) for p in (members[a] @ axis, members[b] @ axis)
+            )
             shared = min(a1, b1) - max(a0, b0)
             thinner = max(min(a1 - a0, b1 - b0), 1e-6)
             if shared > overlap * thinner:

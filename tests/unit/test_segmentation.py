@@ -159,6 +159,38 @@ def test_pieces_at_the_same_height_are_one_disc():
     assert merged[10, 10, 12] == merged[30, 10, 15] != merged[10, 10, 44]
 
 
+def _tilted_disc(shape, centre, tilt_deg, *, ap=36.0, lat=44.0, height=8.0):
+    """Voxels (1 mm, RAS+) of an elliptic slab whose normal is tilted anteriorly by ``tilt_deg``, and
+    each voxel's coordinate along the slab's own anterior axis."""
+    r, a, s = np.meshgrid(*[np.arange(n) - c for n, c in zip(shape, centre, strict=True)], indexing="ij")
+    t = np.radians(tilt_deg)
+    along_normal = s * np.cos(t) + a * np.sin(t)
+    along_front = a * np.cos(t) - s * np.sin(t)
+    inside = ((along_front / (ap / 2)) ** 2 + (r / (lat / 2)) ** 2 <= 1) & (
+        np.abs(along_normal) <= height / 2
+    )
+    return inside, along_front
+
+
+def test_a_steep_disc_split_front_and_back_is_one_disc_and_neighbours_stay_apart():
+    from discgeo.segmentation import merge_same_level
+
+    shape = (50, 70, 110)
+    parts = np.zeros(shape, np.int32)
+    low, front = _tilted_disc(shape, (25, 35, 25), 40)  # L5-S1, steep, cut into front and back
+    parts[low & (front >= 0)] = 1
+    parts[low & (front < 0)] = 2
+    parts[_tilted_disc(shape, (25, 38, 62), 25)[0]] = 3  # L4-L5 above it
+    parts[_tilted_disc(shape, (25, 40, 98), 10)[0]] = 4  # L3-L4
+    # along the superior axis the two pieces overlap by under half the thinner: the old rule kept two
+    s = np.nonzero(parts)[2]
+    (f0, f1), (b0, b1) = ((s[parts[parts > 0] == v].min(), s[parts[parts > 0] == v].max()) for v in (1, 2))
+    assert min(f1, b1) - max(f0, b0) < 0.5 * min(f1 - f0, b1 - b0)
+    merged = merge_same_level(parts, np.eye(4))
+    assert merged[parts == 1].max() == merged[parts == 2].min()
+    assert len(np.unique(merged[merged > 0])) == 3
+
+
 def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
     """Six bright blobs of ~14 % of a disc (over the absolute fragment limit, and numerous enough to pull
     the median of all components down) must be dropped, so L5-S1 stays the lowest disc."""
