@@ -134,10 +134,12 @@ def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, flo
     healthy spines. Between two adjacent bodies the disc fills the disc space: in each column along S
     that meets both, the voxels between the lower body's top and the upper body's bottom are disc
     (where that gap is at most :data:`MAX_DISC_GAP_MM`). Unknown: a :data:`BULGE_MM` rim around those
-    discs, everything below the lowest body down to :data:`SACRUM_MARGIN_MM` under it (the L5-S1 disc
-    has no labelled body below it), and everything above the top of the highest body's lower surface
-    (the next disc up). Background: every body voxel, the rest of the spine between the labelled
-    bodies, and the sacrum and pelvis further down: no lumbar disc lies there."""
+    discs; the L5-S1 region, which has no labelled body below it: every voxel outside a body from
+    :data:`SACRUM_MARGIN_MM` under the lowest body up to the highest point of its lower surface (plus
+    the rim: a tilted L5-S1 disc rises above the lowest point of that surface); and everything above
+    the lowest point of the highest body's lower surface (the next disc up). Background: every body
+    voxel, the rest of the spine between the labelled bodies, and the sacrum and pelvis further down:
+    no lumbar disc lies there."""
     present = sorted(int(v) for v in np.unique(bodies) if v > 0)
     if len(present) < 2:
         raise ValueError("vertebral-body partial labels need at least two labelled bodies")
@@ -158,12 +160,16 @@ def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, flo
     radius = [max(1, round(BULGE_MM / mm)) for mm in spacing]
     rim = ndimage.binary_dilation(disc, structure=np.ones([2 * r + 1 for r in radius], bool))
     out[rim & ~is_body] = IGNORE
-    lowest = np.flatnonzero((bodies == present[0]).any(axis=(0, 1)))[0]
-    below = max(0, lowest - round(SACRUM_MARGIN_MM / spacing[2]))
+    lowest = bodies == present[0]
+    lowest_bottom = np.where(lowest.any(axis=2), np.argmax(lowest, axis=2), -1)
+    below = max(0, int(lowest_bottom[lowest_bottom >= 0].min()) - round(SACRUM_MARGIN_MM / spacing[2]))
+    # up to the highest point of the lowest body's lower surface (and a rim): a tilted L5-S1 disc
+    # reaches above the lowest point of that surface
+    up_to = int(lowest_bottom.max()) + radius[2] + 1
     highest = bodies == present[-1]
     highest_bottom = np.where(highest.any(axis=2), np.argmax(highest, axis=2), bodies.shape[2])
     above = int(highest_bottom.min())  # the lowest point of the highest body's lower surface
-    out[:, :, below:lowest][~is_body[:, :, below:lowest]] = IGNORE
+    out[:, :, below:up_to][~is_body[:, :, below:up_to]] = IGNORE
     out[:, :, above:][~is_body[:, :, above:]] = IGNORE
     out[disc] = 1
     return out

@@ -44,6 +44,15 @@ def test_disc_spaces_between_adjacent_bodies_are_disc_and_the_rest_is_known_or_i
         vertebra_partial_labels((_spine() == 1).astype(np.uint8), (1.0, 1.0, 1.0))
 
 
+def test_a_tilted_lowest_body_leaves_the_whole_l5_s1_region_unknown():
+    bodies = _spine()
+    bodies[5:25, 10:20, 36:40] = 1  # L5's back reaches 4 mm lower than its front (bottom at S 36-40)
+    labels = vertebra_partial_labels(bodies, (1.0, 1.0, 1.0))
+    # the L5-S1 disc under the front part rises above the body's lowest point: not background
+    assert (labels[5:25, 20:30, 36:40] == IGNORE).all()
+    assert (labels[:, :, 6:36] == IGNORE).all() and (labels[:, :, :6] == 0).all()  # 30 mm under S 36
+
+
 def test_a_gap_taller_than_a_disc_space_is_no_disc():
     bodies = _spine()
     bodies[bodies == 3] = 0
