@@ -18,7 +18,7 @@ body's lower surface). Four figures per source:
 The volumes the segmenter trained on (its metadata's ``training.vb_mri_trained``: partial labels from
 their bodies) are reported apart from the held-out ones; the headline figures are the held-out ones.
 
-    python -m bench.vb_mri            # writes bench/results/vb_mri.{json,md}
+    python -m bench.vb_mri            # writes bench/results/vb_mri.{json,md,png}
 """
 
 from __future__ import annotations
@@ -131,11 +131,43 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def picture(views: list[tuple[str, Volume, Volume, Volume]], path: Path) -> None:
+    """Mid-sagittal slices (the one with most body voxels) of held-out volumes: labelled bodies in
+    green, predicted discs in red with the level name the pipeline gives them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(views), figsize=(2.6 * len(views), 4.2), squeeze=False)
+    for ax, (name, image, discs, bodies) in zip(axes[0], views, strict=True):
+        body_array, disc_array = np.asarray(bodies.array), np.asarray(discs.array)
+        r = int(np.argmax((body_array > 0).sum(axis=(1, 2))))
+        ax.imshow(np.asarray(image.canonical().array)[r].T, cmap="gray", origin="lower")
+        overlay = np.zeros((*body_array[r].T.shape, 4))
+        overlay[body_array[r].T > 0] = (0.1, 0.8, 0.1, 0.35)
+        overlay[disc_array[r].T > levels.DISC_LABEL_BASE] = (1.0, 0.1, 0.1, 0.6)
+        ax.imshow(overlay, origin="lower")
+        for value in np.unique(disc_array[r]):
+            if levels.is_disc_label(int(value)):
+                a, s = np.argwhere(disc_array[r] == value).mean(axis=0)
+                ax.text(a + 12, s, levels.level_of_disc_label(int(value)), color="yellow", fontsize=6)
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle(
+        "held-out vb-mri volumes: labelled vertebral bodies (green), predicted discs (red)", fontsize=8
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     segmenter = Segmenter.from_settings(Settings.from_env())
     trained = set(segmenter.metadata.get("training", {}).get("vb_mri_trained", []))
     folder = realdata.vb_mri_dir()
     rows = []
+    views = []  # the first held-out volumes of each source, for the picture
     for name in realdata.vb_mri_volumes():
         image = read_volume(folder / f"{name}.nii.gz")
         bodies = read_labels(folder / f"{name}_vertebrae.nii.gz")
@@ -151,6 +183,8 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if name not in trained and sum(v[0][:3] == name[:3] for v in views) < 4:
+            views.append((name, image, discs, bodies))
     held = [r for r in rows if not r["trained_on"]]
     summary = {f"{src} held out": summarise([r for r in held if r["source"] == src]) for src in SOURCES}
     summary["held out"] = summarise(held)
@@ -162,6 +196,7 @@ def main() -> None:
     stem = "vb_mri" if mode == "fast" else f"vb_mri-{mode}"
     meta = {"segmenter": segmenter.metadata.get("version"), "mode": mode, "match_mm": MATCH_MM}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "summary": summary, "rows": rows}, indent=1))
+    picture(views, out / f"{stem}.png")
     goals = {
         "pairs_with_disc": ">= 0.95",
         "spurious_per_volume": "<= 0.1",
