@@ -445,24 +445,17 @@ def _on_spine(
 ) -> np.ndarray:
     """Drop smaller components lying off the column of discs.
 
-    For each smaller component, a line AP = f(SI) through the centres of the two disc-sized
-    components (``disc_sized``, at least three in all) nearest to it in height gives the column's
-    local position; the component is dropped (a sacral or vascular fragment) when its centre lies more
-    than :data:`OFF_SPINE_MM` in front of or behind that line. A local line follows the lordosis (a
-    line through every disc put a small L5-S1 disc 20 mm behind the column), and extrapolates safely
-    to a partly visible disc at either end of the view."""
+    A line AP = f(SI) is fitted through the centres of the disc-sized components (``disc_sized``, at
+    least three); a smaller component whose centre is more than :data:`OFF_SPINE_MM` in front of or
+    behind it (a sacral or vascular fragment) is dropped. A line, not a curve: it extrapolates safely to
+    a partly visible disc at either end of the view."""
     if disc_sized.sum() < 3 or disc_sized.all():
         return candidates
     labels, centres = _centres(parts, affine)
     points = centres[np.searchsorted(labels, candidates)]
-    column = points[disc_sized]
-    keep = disc_sized.copy()
-    for i in np.flatnonzero(~disc_sized):
-        s, a = points[i, 2], points[i, 1]
-        (s0, a0), (s1, a1) = column[np.argsort(np.abs(column[:, 2] - s))[:2]][:, [2, 1]]
-        expected = a0 + (a1 - a0) * (s - s0) / (s1 - s0) if abs(s1 - s0) > 1e-6 else (a0 + a1) / 2
-        keep[i] = abs(a - expected) <= OFF_SPINE_MM
-    return candidates[keep]
+    slope, intercept = np.polyfit(points[disc_sized, 2], points[disc_sized, 1], 1)
+    offset = np.abs(points[:, 1] - (slope * points[:, 2] + intercept))
+    return candidates[disc_sized | (offset <= OFF_SPINE_MM)]
 
 
 def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:

@@ -191,25 +191,6 @@ def test_a_steep_disc_split_front_and_back_is_one_disc_and_neighbours_stay_apart
     assert len(np.unique(merged[merged > 0])) == 3
 
 
-def test_a_small_disc_at_the_end_of_a_lordotic_column_stays_and_a_vessel_goes():
-    from discgeo.segmentation import _on_spine
-
-    parts = np.zeros((20, 160, 220), np.int32)
-    # five disc-sized discs up a curved column (A shifts by 0, 2, 8, 18, 32 mm going up); below them a
-    # half-sized L5-S1 disc 15 mm behind the line through the two discs above it but 25 mm behind the
-    # line through all five; a small fragment 35 mm in front of the column
-    for value, (a, s) in enumerate([(60, 50), (58, 85), (52, 120), (42, 155), (28, 190)], start=2):
-        parts[5:15, a : a + 30, s : s + 8] = value
-    parts[5:15, 55:70, 15:23] = 1
-    parts[5:15, 95:110, 120:126] = 7
-    candidates = np.arange(1, 8)
-    disc_sized = np.array([False, True, True, True, True, True, False])
-    kept = _on_spine(parts, candidates, disc_sized, np.eye(4))
-    assert kept.tolist() == [1, 2, 3, 4, 5, 6]
-    slope, intercept = np.polyfit([54, 89, 124, 159, 194], [75, 73, 67, 57, 43], 1)
-    assert abs(62 - (slope * 19 + intercept)) > 20  # the old, global line dropped the L5-S1 disc
-
-
 def test_blobs_much_smaller_than_a_disc_do_not_shift_the_levels(segmenter):
     """Six bright blobs of ~14 % of a disc (over the absolute fragment limit, and numerous enough to pull
     the median of all components down) must be dropped, so L5-S1 stays the lowest disc."""
