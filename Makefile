@@ -109,14 +109,14 @@ reliability: setup system-deps
 bench-geometry: setup
 	$(PY) -m bench.geometry --cases 6
 
-# The real T2 cases and the 145 real healthy discs through the pipeline (bench/results/real_cases*), and
-# the segmenter on the 34 vb-mri volumes scored against their vertebral bodies (bench/results/vb_mri*):
-# each in the fast and the accurate mode (~25 min on 2 cores).
+# The real T2 cases and the 145 real healthy discs through the pipeline, fast and accurate mode
+# (bench/results/real_cases*), and
+# the segmenter on the 34 vb-mri volumes scored against their vertebral bodies (bench/results/vb_mri.*;
+# DISCGEO_SEGMENTER_MODE=accurate python -m bench.vb_mri for the accurate mode, ~8x the time): ~15 min.
 bench-real: setup
 	$(PY) -m bench.real_cases
 	DISCGEO_SEGMENTER_MODE=accurate $(PY) -m bench.real_cases
 	$(PY) -m bench.vb_mri
-	DISCGEO_SEGMENTER_MODE=accurate $(PY) -m bench.vb_mri
 
 # Model training (CPU defaults; see each script's --help). Artifacts land in models/.
 # Real reference anatomy (src/discgeo/reference_discs.json) and the phantoms against it
@@ -166,22 +166,24 @@ SEG_T = --data $(SEG_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or
 seg-data: setup
 	$(PY) -m training.segmenter data --out $(SEG_DATA) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --workers $(or $(WORKERS),1) $(if $(DATA),--spider $(DATA))
 
-# then fine-tuning with the vb-mri partial labels in the data: from the exported base model, 8 epochs at
-# 1e-4 and 6 at 3e-5, the weights of epochs 9-14 averaged. `make finetune-segmenter` runs this stage
-# alone from SEG_BASE (the shipped model: the 0.3.0-cpu-rw5-e94-avg7 artifact, trained before vb-mri
-# was in the data).
-SEG_BASE ?= $(BUILD)/segmenter-base-$(SEG_CONFIG)
-SEG_FT = $(BUILD)/seg-ft-$(SEG_CONFIG)
 train-segmenter: seg-data
 	$(call seg_schedule,$(BUILD)/seg-run-$(SEG_CONFIG))
-	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG)-avg --out $(BUILD)/segmenter-base-$(SEG_CONFIG)
-	$(MAKE) finetune-segmenter SEG_BASE=$(BUILD)/segmenter-base-$(SEG_CONFIG)
+	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG)-avg --out $(SEG_OUT)
 
-finetune-segmenter: seg-data
-	$(PY) -m training.segmenter train $(SEG_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs 8 --lr 1e-4
-	$(PY) -m training.segmenter train $(SEG_T) --run $(SEG_FT) --epochs 14 --lr 3e-5 --snapshots-from 9
-	$(PY) -m training.segmenter average --checkpoints $(foreach e,009 010 011 012 013 014,$(SEG_FT)/epoch-$(e).pt) --data $(SEG_DATA) --out $(SEG_FT)-avg
-	$(PY) -m training.segmenter export --run $(SEG_FT)-avg --out $(SEG_OUT)
+# Fine-tuning an exported model (SEG_BASE, default models/segmenter) on the data of `seg-data` plus the
+# vb-mri partial labels: 8 epochs at 1e-4 and 6 at 3e-5, the weights of epochs 9-14 averaged,
+# exported and scored to build/segmenter-ft-CONFIG (training/results/segmenter.md, "Fine-tuning
+# on vb-mri": a candidate, not shipped).
+SEG_BASE ?= models/segmenter
+SEG_FT = $(BUILD)/seg-ft-$(SEG_CONFIG)
+SEG_FT_DATA = $(BUILD)/seg-data-vb-$(SEG_CONFIG)
+SEG_FT_T = --data $(SEG_FT_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or $(WORKERS),0)
+finetune-segmenter: setup
+	$(PY) -m training.segmenter data --out $(SEG_FT_DATA) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --vb-mri --workers $(or $(WORKERS),1)
+	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs 8 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --epochs 14 --lr 3e-5 --snapshots-from 9
+	$(PY) -m training.segmenter average --checkpoints $(foreach e,009 010 011 012 013 014,$(SEG_FT)/epoch-$(e).pt) --data $(SEG_FT_DATA) --out $(SEG_FT)-avg
+	$(PY) -m training.segmenter export --run $(SEG_FT)-avg --out $(BUILD)/segmenter-ft-$(SEG_CONFIG)
 
 # leave-one-case-out of the same recipe: one run per real case without it, each scored on its case (in
 # both modes where the configuration has two) and recorded in the exported artifact, which must exist

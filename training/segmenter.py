@@ -235,11 +235,10 @@ def build_data(
     config_name: str,
     spider: Path | None,
     workers: int = 1,
-    vb_mri: bool = True,
+    vb_mri: bool = False,
 ) -> dict[str, Any]:
     """Cache training volumes at the model's spacing: phantoms (``workers`` processes), the real T2
-    cases, the training half of ``vb-mri`` with partial labels (unless ``vb_mri`` is False) and
-    optionally SPIDER."""
+    cases, with ``vb_mri`` the training half of ``vb-mri`` with partial labels, and optionally SPIDER."""
     from tqdm import tqdm
 
     from discgeo.io import read_labels, read_volume
@@ -1029,7 +1028,7 @@ def main() -> None:
     d.add_argument("--spider", type=Path, help="SPIDER root with images/ and masks/")
     d.add_argument("--workers", type=int, default=1, help="processes making phantoms")
     d.add_argument(
-        "--no-vb-mri", dest="vb_mri", action="store_false", help="leave out the vb-mri partial labels"
+        "--vb-mri", action="store_true", help="add the training half of vb-mri with partial disc labels"
     )
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, default=ROOT / "build" / "seg-data")

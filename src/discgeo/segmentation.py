@@ -46,6 +46,7 @@ DEFAULT_MIN_FRAGMENT_MM3 = 200.0
 MAX_DISCS = 12  # a sagittal lumbar view holds 5-8 discs; more components are segmentation noise
 RELATIVE_FRAGMENT = 0.2  # components under this fraction of the typical disc are dropped
 TYPICAL_DISCS = 5  # the typical disc size is the median of this many largest components
+MERGE_IN_PLANE_MM = 35.0  # pieces of one disc lie closer than this side by side (discs are 35-50 mm wide)
 OFF_SPINE_MM = 20.0  # a smaller component this far in front of or behind the disc column is not a disc
 
 
@@ -379,7 +380,8 @@ def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 
     :data:`TYPICAL_DISCS` largest; a disc is a thin slab, so its normal is well defined); with none,
     the superior axis. A disc split into front and back pieces at the lumbosacral junction, tilted by
     30 degrees or more, overlaps itself along its neighbour's normal but not along the superior axis;
-    two adjacent discs overlap along neither."""
+    two adjacent discs overlap along neither. Pieces whose centres lie more than
+    :data:`MERGE_IN_PLANE_MM` apart across the axis are never merged (a vessel in front of a disc)."""
     values = _present(parts)
     if len(values) < 2:
         return parts
@@ -409,6 +411,9 @@ def merge_same_level(parts: np.ndarray, affine: np.ndarray, *, overlap: float = 
             middle = (centres[a] + centres[b]) / 2
             nearest = min(normals, key=lambda v: float(np.linalg.norm(centres[v] - middle)), default=None)
             axis = normals[nearest] if nearest is not None else np.array([0.0, 0.0, 1.0])
+            apart = centres[a] - centres[b]
+            if np.linalg.norm(apart - (apart @ axis) * axis) > MERGE_IN_PLANE_MM:
+                continue  # side by side further than a disc is wide: a fragment beside a disc
             pad = float(half_voxel @ np.abs(axis))  # a voxel's half-extent along the axis
             (a0, a1), (b0, b1) = (
                 (float(p.min()) - pad, float(p.max()) + pad) for p in (members[a] @ axis, members[b] @ axis)

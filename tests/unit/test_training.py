@@ -310,7 +310,7 @@ def test_segmenter_data_reads_the_spider_layout(tmp_path, spider_dir, capsys):
     sitk.WriteImage(mask, str(root / "masks" / "1_t1.mha"))
     sitk.WriteImage(mask, str(root / "masks" / "2_t2.mha"))  # no image for this one
 
-    summary = build_data(tmp_path / "data", phantoms=0, seed=0, config_name="cpu", spider=root, vb_mri=False)
+    summary = build_data(tmp_path / "data", phantoms=0, seed=0, config_name="cpu", spider=root)
     assert "1 of 2 masks have no image, left out" in capsys.readouterr().out
     assert [c["name"] for c in summary["cases"] if c["source"] == "spider"] == ["spider-1_t1"]
     cached = np.load(tmp_path / "data" / "spider-1_t1.npz")
@@ -324,4 +324,4 @@ def test_segmenter_data_reads_the_spider_layout(tmp_path, spider_dir, capsys):
 
     (root / "images" / "1_t1.mha").unlink()
     with pytest.raises(SystemExit, match=r"no masks/\*\.mha with a matching images"):
-        build_data(tmp_path / "none", phantoms=0, seed=0, config_name="cpu", spider=root, vb_mri=False)
+        build_data(tmp_path / "none", phantoms=0, seed=0, config_name="cpu", spider=root)
