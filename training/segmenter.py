@@ -2,11 +2,13 @@
 
     python -m training.segmenter data   --out build/seg-data --phantoms 60 [--spider /path/to/SPIDER]
                                         [--workers N]   (phantoms made in N processes)
+                                        [--vb-mri]   (the training half of vb-mri, partial labels)
     python -m training.segmenter train  --data build/seg-data --run build/seg-run [--config cpu|wide|gpu]
                                         [--real-weight 5] [--exclude case-NN] [--precision auto|bf16|fp32]
                                         [--epochs N] [--lr RATE]   (resume with a lower --lr: step decay)
                                         [--snapshots-from EPOCH]   (keep RUN/epoch-NNN.pt from then on)
                                         [--workers N]   (augmentation in N processes: needed on a GPU)
+                                        [--init-from ARTIFACT]   (a new run from an exported model)
     python -m training.segmenter average --checkpoints RUN/epoch-071.pt ... --out build/seg-avg
     python -m training.segmenter compare --runs build/seg-run build/seg-avg [--scales 1.0 0.85,0.95]
                                         (tuning phantoms, seed 4242; --scales: inference spacings to try)
@@ -30,7 +32,9 @@ another spacing or a checkpoint of another configuration.
 
 Data: phantom studies (T1- and T2-like, generated here), the real shared T2 cases (manual disc
 masks; ``--exclude case-NN`` leaves one out for leave-one-case-out testing) and, with ``--spider``,
-the SPIDER layout (images/*.mha, masks/*.mha, discs = labels 201+). Two classes: background, disc.
+the SPIDER layout (images/*.mha, masks/*.mha, discs = labels 201+) and, with ``--vb-mri``, vertebral-
+body masks turned into partial disc labels (:func:`vertebra_partial_labels`; unknown voxels are left
+out of the loss, :func:`dice_ce_loss`). Two classes: background, disc.
 Augmentation (MONAI): intensity scale/shift, bias field, Gaussian noise, contrast inversion, small
 rotations and zoom (spacing), flips across the lateral axis (3D). Seeded; checkpoints every epoch
 (``RUN/last.pt``, ``RUN/best.pt``), resumable; per-epoch loss, validation Dice and learning rate in
