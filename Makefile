@@ -177,10 +177,12 @@ train-segmenter: seg-data
 SEG_BASE ?= models/segmenter
 SEG_FT = $(BUILD)/seg-ft-$(SEG_CONFIG)
 SEG_FT_DATA = $(BUILD)/seg-data-vb-$(SEG_CONFIG)
+# the anatomy configuration's body and sacrum classes start from a new head: they need a faster start
+SEG_FT_LR = $(if $(filter anatomy,$(SEG_CONFIG)),3e-4,1e-4)
 SEG_FT_T = --data $(SEG_FT_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or $(WORKERS),0)
 finetune-segmenter: setup
 	$(PY) -m training.segmenter data --out $(SEG_FT_DATA) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --vb-mri --workers $(or $(WORKERS),1)
-	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs 8 --lr 1e-4
+	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs 8 --lr $(SEG_FT_LR)
 	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --epochs 14 --lr 3e-5 --snapshots-from 9
 	$(PY) -m training.segmenter average --checkpoints $(foreach e,009 010 011 012 013 014,$(SEG_FT)/epoch-$(e).pt) --data $(SEG_FT_DATA) --out $(SEG_FT)-avg
 	$(PY) -m training.segmenter export --run $(SEG_FT)-avg --out $(BUILD)/segmenter-ft-$(SEG_CONFIG)

@@ -127,6 +127,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         else None,
         "level_right": round(sum(r["levels_right"] for r in rows) / found, 4) if found else None,
         "level_offsets": {str(k): v for k, v in sorted(offsets.items())},
+        "levels_uncertain": round(sum(r["levels_uncertain"] for r in rows) / len(rows), 3) if rows else None,
         "seconds_per_volume": round(float(np.mean([r["segment_s"] for r in rows])), 2) if rows else None,
     }
 
@@ -163,6 +164,11 @@ def picture(views: list[tuple[str, Volume, Volume, Volume]], path: Path) -> None
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder of the tables")
+    args = parser.parse_args()
     segmenter = Segmenter.from_settings(Settings.from_env())
     trained = set(segmenter.metadata.get("training", {}).get("vb_mri_trained", []))
     folder = realdata.vb_mri_dir()
@@ -180,6 +186,9 @@ def main() -> None:
             "trained_on": name in trained,
             "segment_s": round(seconds, 2),
             **score_volume(discs, bodies),
+            "levels_from": discs.meta["levels_from"],
+            "levels_uncertain": discs.meta["levels_uncertain"],
+            "level_notes": discs.meta["level_notes"],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -190,7 +199,7 @@ def main() -> None:
     summary["held out"] = summarise(held)
     if trained:
         summary["trained on"] = summarise([r for r in rows if r["trained_on"]])
-    out = ROOT / "bench" / "results"
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     mode = segmenter.mode
     stem = "vb_mri" if mode == "fast" else f"vb_mri-{mode}"
@@ -213,8 +222,8 @@ def main() -> None:
         "",
         "| source | volumes | body pairs | pairs with a disc | spurious discs per volume "
         "| disc voxels inside a body | level name right | level offsets (named - true: count) "
-        "| s per volume |",
-        "|---" * 9 + "|",
+        "| volumes with levels uncertain | s per volume |",
+        "|---" * 10 + "|",
     ]
     for key, s in summary.items():
         source = key.split()[0]
@@ -223,9 +232,9 @@ def main() -> None:
         lines.append(
             f"| {label} | {s['volumes']} | {s['pairs']} | {s['pairs_with_disc']} | "
             f"{s['spurious_per_volume']} | {s['disc_voxels_in_body']} | {s['level_right']} | {offsets} | "
-            f"{s['seconds_per_volume']} |"
+            f"{s['levels_uncertain']} | {s['seconds_per_volume']} |"
         )
-    lines.append("| goal | | | " + " | ".join(goals.values()) + " | | |")
+    lines.append("| goal | | | " + " | ".join(goals.values()) + " | | | |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -84,6 +84,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         },
         "batch": 16,
         "lr": 3e-4,
+        "classes": ("background", "disc"),
     },
     "gpu": {
         "dims": 3,
@@ -93,6 +94,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "inference_spacings": {"fast": ((1.0, 1.0, 1.0),)},
         "batch": 2,
         "lr": 1e-4,
+        "classes": ("background", "disc"),
     },
 }
 
@@ -100,6 +102,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # the 2D network at twice the width (7.2 M parameters, ~29 MB, ~4x the compute): trained on a GPU,
 # served on CPU; it reads data prepared for ``cpu`` (same spacing)
 CONFIGS["wide"] = {**CONFIGS["cpu"], "feature_size": 24}
+# the 2D network predicting vertebral bodies and the sacrum beside the discs (the levels are then
+# named from the vertebral chain, :mod:`discgeo.segmentation`); its data carry those classes
+CONFIGS["anatomy"] = {**CONFIGS["cpu"], "classes": ("background", "disc", "vertebral_body", "sacrum")}
 
 
 def build_model(config: dict[str, Any]) -> torch.nn.Module:
@@ -107,7 +112,7 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
     return SwinUNETR(
         in_channels=1,
-        out_channels=2,
+        out_channels=len(config["classes"]),
         feature_size=config["feature_size"],
         use_v2=True,
         spatial_dims=config["dims"],
@@ -115,24 +120,54 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 # -------------------------------------------------------------------------------------------- data
+# Training targets: a class index (0 background, 1 disc, 2 vertebral body, 3 sacrum; the first
+# ``len(config["classes"])``) or a set of classes the voxel may belong to (partial labels): the loss
+# (:func:`dice_ce_loss`) scores the probability of the set.
+DISC, BODY, SACRUM = 1, 2, 3
+NOT_DISC = 254  # any class but disc (a real case whose discs alone are labelled)
+IGNORE = 255  # unknown: no loss there
+
+
 def prepare(
-    image: np.ndarray, labels: np.ndarray, spacing: tuple[float, ...], config: dict[str, Any]
+    image: np.ndarray, targets: np.ndarray, spacing: tuple[float, ...], config: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A training volume at the configuration's spacing: the image normalised (float16) and the disc
-    mask resampled with its volume kept (uint8)."""
+    """A training volume at the configuration's spacing: the image normalised (float16) and its
+    targets (uint8, see :data:`DISC`): the disc resampled with its volume kept, the other classes where
+    more than half of a voxel is theirs, sets of classes by the nearest voxel."""
     target = config["spacing"]
     x = resample(normalise(image), spacing, target)
-    y = binarise(resample((labels > 0).astype(np.float32), spacing, target))  # disc volume kept
+    y = resample(targets, spacing, target, order=0)
+    for cls in range(BODY, len(config["classes"])):
+        y[resample((targets == cls).astype(np.float32), spacing, target) >= 0.5] = cls
+    disc = binarise(resample((targets == DISC).astype(np.float32), spacing, target))  # volume kept
+    y[(y == DISC) & ~disc] = NOT_DISC if len(config["classes"]) > 2 else 0
+    y[disc] = DISC
     return x.astype(np.float16), y.astype(np.uint8)
 
 
-IGNORE = 2  # label value of voxels whose class is unknown (partial labels): no loss there
+def anatomy_targets(labels: np.ndarray, bodies: np.ndarray | None, config: dict[str, Any]) -> np.ndarray:
+    """Targets of a fully labelled image (SPIDER-labelled ``labels``; ``bodies`` the vertebral bodies
+    and sacrum, :attr:`discgeo.phantom.PhantomCase.bodies`) for the configuration's classes; with no
+    ``bodies`` the discs alone are known (:data:`NOT_DISC` elsewhere when the model has more classes)."""
+    from discgeo import levels
+
+    anatomy = len(config["classes"]) > 2
+    y = np.full(labels.shape, NOT_DISC if anatomy and bodies is None else 0, np.uint8)
+    if anatomy and bodies is not None:
+        y[(bodies > 0) & (bodies != levels.SACRUM_LABEL)] = BODY
+        y[bodies == levels.SACRUM_LABEL] = SACRUM
+    y[labels > levels.DISC_LABEL_BASE] = DISC
+    return y
+
+
 BULGE_MM = 3.0  # around a pseudo-labelled disc: its rim may bulge past the bodies, left unknown
 SACRUM_MARGIN_MM = 30.0  # below the lowest labelled body: the L5-S1 disc may reach this far down
 MAX_DISC_GAP_MM = 20.0  # a gap between two bodies taller than this along S is not a disc space
 
 
-def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+def vertebra_partial_labels(
+    bodies: np.ndarray, spacing: tuple[float, float, float], *, anatomy: bool = False
+) -> np.ndarray:
     """Disc training labels (0 background, 1 disc, :data:`IGNORE` unknown) from vertebral-body masks
     alone (RAS+ voxel order, axis 2 superior; bodies labelled 1 = lowest, counting upward), for
     healthy spines. Between two adjacent bodies the disc fills the disc space: in each column along S
@@ -143,7 +178,8 @@ def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, flo
     the rim: a tilted L5-S1 disc rises above the lowest point of that surface); and everything above
     the lowest point of the highest body's lower surface (the next disc up). Background: every body
     voxel, the rest of the spine between the labelled bodies, and the sacrum and pelvis further down:
-    no lumbar disc lies there."""
+    no lumbar disc lies there. With ``anatomy`` (a model of vertebral bodies and the sacrum too) the
+    bodies are :data:`BODY` and the sacrum and pelvis :data:`NOT_DISC`."""
     present = sorted(int(v) for v in np.unique(bodies) if v > 0)
     if len(present) < 2:
         raise ValueError("vertebral-body partial labels need at least two labelled bodies")
@@ -175,7 +211,10 @@ def vertebra_partial_labels(bodies: np.ndarray, spacing: tuple[float, float, flo
     above = int(highest_bottom.min())  # the lowest point of the highest body's lower surface
     out[:, :, below:up_to][~is_body[:, :, below:up_to]] = IGNORE
     out[:, :, above:][~is_body[:, :, above:]] = IGNORE
-    out[disc] = 1
+    out[disc] = DISC
+    if anatomy:
+        out[:, :, :below][~is_body[:, :, :below]] = NOT_DISC
+        out[is_body] = BODY
     return out
 
 
@@ -183,8 +222,9 @@ def _write_phantom(out: Path, seed: int, config_name: str, case: int) -> dict[st
     from discgeo.phantom import make_case
 
     c = make_case(seed, case)
-    discs = np.where(c.labels.array > 200, 1, 0)
-    x, y = prepare(c.image.array, discs, c.image.spacing, CONFIGS[config_name])
+    config = CONFIGS[config_name]
+    targets = anatomy_targets(c.labels.array, None if c.bodies is None else c.bodies.array, config)
+    x, y = prepare(c.image.array, targets, c.image.spacing, config)
     name = f"phantom-{seed}-{case}"
     np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
     return {"name": name, "source": "phantom", "contrast": c.truth["contrast"]}
@@ -201,7 +241,7 @@ def write_spider_series(
     if not (reuse and (out / f"{name}.npz").exists()):
         image = read_volume(image_path)
         labels = read_labels(mask_path)
-        x, y = prepare(image.array, np.where(labels.array > 200, 1, 0), image.spacing, config)
+        x, y = prepare(image.array, anatomy_targets(labels.array, None, config), image.spacing, config)
         np.savez_compressed(out / f"{name}.npz", image=x, labels=y)
     return {"name": name, "source": "spider"}
 
@@ -224,7 +264,9 @@ def write_vb_mri_volume(out: Path, name: str, config: dict[str, Any]) -> dict[st
 
     image = read_volume(realdata.vb_mri_dir() / f"{name}.nii.gz")
     bodies = read_labels(realdata.vb_mri_dir() / f"{name}_vertebrae.nii.gz")
-    labels = vertebra_partial_labels(np.asarray(bodies.array), bodies.spacing)
+    labels = vertebra_partial_labels(
+        np.asarray(bodies.array), bodies.spacing, anatomy=len(config["classes"]) > 2
+    )
     x = resample(normalise(image.array), image.spacing, config["spacing"])
     y = resample(labels, image.spacing, config["spacing"], order=0)  # nearest: the classes stay
     np.savez_compressed(out / f"vb-{name}.npz", image=x.astype(np.float16), labels=y.astype(np.uint8))
@@ -254,8 +296,8 @@ def build_data(
         index = list(tqdm(pool.map(write, range(phantoms)), total=phantoms, desc="phantoms", unit="case"))
     for case in REAL_CASES:
         image = read_volume(SHARED / f"{case}.nii.gz")
-        labels = read_labels(SHARED / f"{case}_discs.nii.gz")
-        x, y = prepare(image.array, labels.array, image.spacing, config)
+        labels = realdata.as_spider_labels(read_labels(SHARED / f"{case}_discs.nii.gz"))
+        x, y = prepare(image.array, anatomy_targets(labels.array, None, config), image.spacing, config)
         np.savez_compressed(out / f"{case}.npz", image=x, labels=y)
         index.append({"name": case, "source": "real-t2"})
     for name in tqdm(vb_mri_split()[0] if vb_mri else [], desc="vb-mri", unit="volume"):
@@ -312,13 +354,14 @@ def _transforms(config: dict[str, Any], seed: int) -> Any:
     pipeline = [
         T.RandCropByPosNegLabeld(
             keys,
-            label_key="label",
+            label_key="foreground",  # patches centred on a labelled structure (not on unknown voxels)
             spatial_size=roi,
             pos=2,
             neg=1,
             num_samples=SAMPLES_PER_ITEM,
             allow_smaller=True,
         ),
+        T.DeleteItemsd("foreground"),
         T.SpatialPadd(keys, spatial_size=roi),
         T.RandAffined(
             keys,
@@ -352,14 +395,24 @@ def _samples(
     items = []
     for (image, labels), repeat in zip(volumes, repeats, strict=True):
         if dims == 3:
-            items += [{"image": image[None], "label": labels[None]}] * repeat
+            items += [
+                {"image": image[None], "label": labels[None], "foreground": _foreground(labels)[None]}
+            ] * repeat
             continue
-        with_disc = np.flatnonzero((labels.reshape(labels.shape[0], -1) == 1).any(axis=1))
+        with_disc = np.flatnonzero((labels.reshape(labels.shape[0], -1) == DISC).any(axis=1))
         without = np.setdiff1d(np.arange(labels.shape[0]), with_disc)
         chosen = list(with_disc) + list(rng.choice(without, size=min(len(without), 2), replace=False))
-        items += [{"image": image[i][None], "label": labels[i][None]} for i in chosen] * repeat
+        items += [
+            {"image": image[i][None], "label": labels[i][None], "foreground": _foreground(labels[i])[None]}
+            for i in chosen
+        ] * repeat
     order = rng.permutation(len(items))
     return [items[i] for i in order]
+
+
+def _foreground(labels: np.ndarray) -> np.ndarray:
+    """The voxels of a known structure (disc, body, sacrum: a class index above background)."""
+    return ((labels >= DISC) & (labels < NOT_DISC)).astype(np.uint8)
 
 
 def _batches(
@@ -389,22 +442,39 @@ def _batches(
     )
 
 
+def allowed_classes(target: torch.Tensor, classes: int) -> torch.Tensor:
+    """``[B, classes, ...]`` booleans: the classes each voxel's target (``[B, ...]``, see :data:`DISC`)
+    allows; one for a class index, several for :data:`NOT_DISC`, all for :data:`IGNORE`."""
+    table = torch.zeros(256, classes, dtype=torch.bool, device=target.device)
+    table[torch.arange(classes), torch.arange(classes)] = True
+    table[NOT_DISC] = True
+    table[NOT_DISC, DISC] = False
+    table[IGNORE] = True
+    return table[target].movedim(-1, 1)
+
+
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (soft Dice per sample and class, both
-    classes, plus mean cross-entropy) over the voxels whose label is not :data:`IGNORE`; with no
-    ignored voxel it is that loss exactly (tested)."""
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (soft Dice per sample and class, every
+    class, plus mean cross-entropy) for partial labels; with every voxel's class known it is that loss
+    exactly (tested).
+
+    A voxel whose target is a set of classes (:data:`NOT_DISC`) adds the cross-entropy of the set's
+    total probability (the marginal loss of partially labelled segmentation) and counts in the Dice of
+    the classes it excludes (a known negative), not of those it allows; :data:`IGNORE` voxels add
+    nothing."""
     target = target[:, 0].long()
-    valid = target != IGNORE
-    known = torch.where(valid, target, torch.zeros_like(target))
-    ce = torch.nn.functional.cross_entropy(logits, known, reduction="none")
-    weight = valid.float()
-    ce = (ce * weight).sum() / weight.sum().clamp_min(1.0)
-    probability = torch.softmax(logits, dim=1)
-    onehot = torch.nn.functional.one_hot(known, logits.shape[1]).movedim(-1, 1).float()
-    mask = weight[:, None]
+    classes = logits.shape[1]
+    allowed = allowed_classes(target, classes)
+    informative = (allowed.sum(1) < classes).float()
+    log_p = torch.log_softmax(logits, dim=1)
+    ce = -torch.logsumexp(log_p.masked_fill(~allowed, -1e4), dim=1)
+    ce = (ce * informative).sum() / informative.sum().clamp_min(1.0)
+    probability = log_p.exp()
+    positive = (allowed & (allowed.sum(1, keepdim=True) == 1)).float()
+    known = positive + (~allowed).float()
     axes = tuple(range(2, logits.ndim))
-    intersection = (probability * onehot * mask).sum(axes)
-    total = (probability * mask).sum(axes) + (onehot * mask).sum(axes)
+    intersection = (probability * positive).sum(axes)
+    total = (probability * known).sum(axes) + positive.sum(axes)
     smooth = 1e-5
     dice_loss = 1.0 - (2.0 * intersection + smooth) / (total + smooth)
     return dice_loss.mean() + ce
@@ -451,7 +521,11 @@ def weights_from_onnx(model: torch.nn.Module, path: Path) -> None:
     weights: dict[str, np.ndarray] = {}
     tables = [k for k in state if k.endswith("relative_position_bias_table")]
     for key, value in state.items():
-        if key in stored:
+        if key in stored and key.startswith("out.") and stored[key].shape[0] < value.shape[0]:
+            # more classes than the graph's: the new classes' head starts as the background's
+            extra = np.repeat(stored[key][:1], value.shape[0] - stored[key].shape[0], axis=0)
+            weights[key] = np.concatenate([stored[key], extra])
+        elif key in stored:
             weights[key] = stored[key]
         elif key.endswith("relative_position_index"):
             weights[key] = value.numpy()
@@ -491,7 +565,8 @@ def weights_from_onnx(model: torch.nn.Module, path: Path) -> None:
 
 
 def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, Any]) -> np.ndarray:
-    """Disc probability of a prepared volume with the torch model (same windowing as inference)."""
+    """Class probabilities ``[classes, ...]`` of a prepared volume with the torch model (same windowing
+    as inference)."""
     where = next(model.parameters()).device
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -501,22 +576,21 @@ def predict_volume(model: torch.nn.Module, image: np.ndarray, config: dict[str, 
     # windows per call: a GPU takes the 2D windows of many slices at once (3D windows are large); on
     # CPU larger batches gain nothing
     batch = 8 if where.type == "cpu" else 64 if config["dims"] == 2 else 2
-    return sliding_window(run, image, config["roi"], 2, batch_size=batch)[1]
+    return sliding_window(run, image, config["roi"], len(config["classes"]), batch_size=batch)
 
 
 def validate(
     model: torch.nn.Module, volumes: list[tuple[np.ndarray, np.ndarray]], config: dict[str, Any]
-) -> float:
-    """Mean Dice of the disc masks (probability >= 0.5) over prepared validation volumes."""
+) -> dict[str, float]:
+    """Mean Dice per class but background (the most probable class) over prepared validation volumes
+    (phantoms: every voxel's class known), keyed by class name."""
     model.eval()
-    return float(
-        np.mean(
-            [
-                dice(predict_volume(model, image, config) >= 0.5, labels.astype(bool))
-                for image, labels in volumes
-            ]
-        )
-    )
+    scores: dict[str, list[float]] = {name: [] for name in config["classes"][1:]}
+    for image, labels in volumes:
+        predicted = np.argmax(predict_volume(model, image, config), axis=0)
+        for cls, name in enumerate(config["classes"][1:], start=1):
+            scores[name].append(dice(predicted == cls, labels == cls))
+    return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
 def train(
@@ -547,7 +621,8 @@ def train(
     lr = config["lr"] if lr is None else lr
     index = json.loads((data / "index.json").read_text())
     prepared = CONFIGS.get(index.get("config"), {})
-    if prepared.get("spacing") != config["spacing"]:  # configurations of one spacing share their data
+    same = prepared.get("spacing") == config["spacing"] and prepared.get("classes") == config["classes"]
+    if not same:  # configurations of one spacing and classes share their data
         raise SystemExit(
             f"{data} holds data prepared for the '{index.get('config')}' configuration, not '{config_name}': "
             f"rebuild it with `python -m training.segmenter data --config {config_name} --out {data}`"
@@ -562,9 +637,12 @@ def train(
     init = None
     if init_from is not None and not (run / "last.pt").exists():
         metadata = json.loads((init_from / "metadata.json").read_text())
-        if metadata["training"]["config"] != config_name:
-            other = metadata["training"]["config"]
-            raise SystemExit(f"{init_from} is a '{other}' model, not '{config_name}'")
+        other = CONFIGS[metadata["training"]["config"]]
+        if any(other[key] != config[key] for key in ("dims", "feature_size", "roi", "spacing")):
+            raise SystemExit(
+                f"{init_from} is a '{metadata['training']['config']}' model, another network than "
+                f"'{config_name}'"
+            )
         weights_from_onnx(model, init_from / metadata["files"]["model"])
         init = {"artifact": str(init_from), "version": metadata["version"], "training": metadata["training"]}
         print(f"starting from {metadata['version']} ({init_from})")
@@ -609,10 +687,12 @@ def train(
             losses.append(value.detach())  # no GPU synchronisation per step
             if step >= steps_per_epoch:
                 break
+        scores = validate(model, val_volumes, config)
         record = {
             "epoch": epoch,
             "loss": float(torch.stack(losses).mean()),
-            "val_dice": validate(model, val_volumes, config),
+            "val_dice": scores.pop("disc"),
+            **{f"val_dice_{name}": value for name, value in scores.items()},
             "lr": lr,
             "seed": seed,
             "seconds": round(time.monotonic() - t0, 1),
@@ -670,7 +750,8 @@ def average(checkpoints: list[Path], data: Path, out: Path) -> dict[str, Any]:
     model.load_state_dict(
         {key: torch.stack([s["model"][key].float() for s in states]).mean(0) for key in first["model"]}
     )
-    score = validate(model, _load(data, first["validation"]), config)
+    scores = validate(model, _load(data, first["validation"]), config)
+    score = scores["disc"]
     latest = max(states, key=lambda s: s["epoch"])
     state = {
         **{k: v for k, v in latest.items() if k != "optimiser"},
@@ -683,7 +764,7 @@ def average(checkpoints: list[Path], data: Path, out: Path) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / "best.pt")
-    print(json.dumps({"averaged": len(states), "val_dice": score}))
+    print(json.dumps({"averaged": len(states), "val_dice": scores}))
     return state
 
 
@@ -771,10 +852,15 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
             for mode, spacings in config["inference_spacings"].items()
         },
         "roi": list(config["roi"]),
-        "classes": 2,
+        "classes": len(config["classes"]),
+        "class_names": list(config["classes"]),
         "files": {"model": "segmenter.onnx"},
         "inputs": {"name": "image", "dtype": "float32", "shape": ["N", 1, *config["roi"]]},
-        "outputs": {"name": "logits", "dtype": "float32", "shape": ["N", 2, *config["roi"]]},
+        "outputs": {
+            "name": "logits",
+            "dtype": "float32",
+            "shape": ["N", len(config["classes"]), *config["roi"]],
+        },
         "training": {
             "config": state["config"],
             "seed": state["seed"],

@@ -23,6 +23,7 @@ from discgeo import __version__
 from discgeo.config import Settings
 from discgeo.io import read_dicom
 from discgeo.io.nifti import nifti_from_bytes, nifti_to_bytes
+from discgeo.segmentation import SEGMENTATION_HEADER, segmentation_header
 from discgeo.segmentation import Segmenter as OnnxSegmenter
 from discgeo.serving import DISCS, INPUT_BYTES, check_tokens, protect, record_model, stage_request
 
@@ -61,6 +62,7 @@ class Segmenter:
             ctx.response.headers["X-Discgeo-Model-Version"] = self.model.version
             ctx.response.headers["X-Discgeo-Provider"] = self.model.provider
             ctx.response.headers["X-Discgeo-Discs"] = str(discs)
+            ctx.response.headers[SEGMENTATION_HEADER] = segmentation_header(labels)
             out = Path(ctx.temp_dir) / "labels.nii.gz"
             out.write_bytes(nifti_to_bytes(labels))
             return out

@@ -6,7 +6,8 @@ Label conventions (SPIDER, van der Graaf et al. 2024):
 * ``1 .. 25`` vertebrae counted from the bottom; vertebra ``n`` lies directly above disc ``200 + n``
   (in the real SPIDER mask shipped for tests, vertebra 1 sits above disc 201; the sacrum is unlabelled);
 * ``101 .. 125`` the same vertebrae when only partly visible;
-* ``100`` the spinal canal.
+* ``100`` the spinal canal;
+* ``50`` the sacrum (discgeo's phantoms; SPIDER leaves it unlabelled).
 
 Disc levels are named from the bottom: the lowest disc in view is L5-S1, then L4-L5, L3-L4, L2-L3,
 L1-L2, T12-L1, T11-T12, ... This assumes the usual five lumbar vertebrae and that the lumbosacral
@@ -20,6 +21,7 @@ from pydicom.sr.coding import Code
 
 DISC_LABEL_BASE = 200
 CANAL_LABEL = 100
+SACRUM_LABEL = 50
 PARTIAL_VERTEBRA_OFFSET = 100
 
 _VERTEBRAE_FROM_BOTTOM = (
@@ -85,9 +87,16 @@ _ORDINALS = (
 _REGIONS = {"C": "Cervical", "T": "Thoracic", "L": "Lumbar"}
 
 
-def disc_structure_code(level: str) -> Code:
+# SNOMED CT "Intervertebral disc structure": the finding site of a disc whose level is uncertain
+DISC_STRUCTURE = Code("360499006", "SCT", "Intervertebral disc structure")
+
+
+def disc_structure_code(level: str, *, uncertain: bool = False) -> Code:
     """SNOMED CT body structure of a disc level, e.g. L4-L5 -> 'Intervertebral disc structure of fourth
-    lumbar vertebra' (the disc below the named vertebra)."""
+    lumbar vertebra' (the disc below the named vertebra); :data:`DISC_STRUCTURE` when the level is
+    ``uncertain`` (no level-specific claim)."""
+    if uncertain:
+        return DISC_STRUCTURE
     upper = level.split("-")[0]
     name = f"IntervertebralDiscStructureOf{_ORDINALS[int(upper[1:]) - 1]}{_REGIONS[upper[0]]}Vertebra"
     code = getattr(codes.SCT, name)

@@ -524,8 +524,8 @@ def _paint(shape: Shape, affine: np.ndarray, *targets: tuple[np.ndarray, int]) -
         array[box][mask] = value
 
 
-def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Label map (SPIDER convention) and tissue-class map on the grid."""
+def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label map (SPIDER convention), tissue-class map and vertebral-body map on the grid."""
     affine = grid.affine()
     shape = grid.shape
     labels = np.zeros(shape, dtype=np.uint8)
@@ -553,8 +553,16 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
     tissue[...] = cls.reshape(shape)
     del idx, world, spine_y, dy, dx, body, cls
 
-    _paint(anatomy.sacrum, affine, (tissue, T["marrow"]))
+    bodies = np.zeros(shape, dtype=np.uint8)
+    _paint(
+        anatomy.sacrum,
+        affine,
+        (labels, levels.SACRUM_LABEL),
+        (tissue, T["marrow"]),
+        (bodies, levels.SACRUM_LABEL),
+    )
     for n, shapes in enumerate(anatomy.vertebrae):
+        _paint(shapes[0], affine, (bodies, levels.vertebra_label(n)))
         for part in shapes:
             _paint(part, affine, (labels, levels.vertebra_label(n)), (tissue, T["marrow"]))
     for box in anatomy.canal:
@@ -583,7 +591,10 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
         vox = np.array([inv[:3, :3] @ c + inv[:3, 3] for c in corners])
         if np.any(vox < -0.5) or np.any(vox > np.array(shape) - 0.5):
             labels[labels == levels.vertebra_label(n)] = levels.vertebra_label(n, partial=True)
-    return labels, tissue
+    bodies[(labels == levels.CANAL_LABEL) | (labels > levels.DISC_LABEL_BASE)] = (
+        0  # painted over, as in labels
+    )
+    return labels, tissue, bodies
 
 
 def _render(
@@ -620,11 +631,14 @@ def _render(
 # -------------------------------------------------------------------------------------------- case
 @dataclass(frozen=True)
 class PhantomCase:
-    """A generated case: image, labels (same grid) and the truth dictionary."""
+    """A generated case: image, labels (same grid), the truth dictionary and the vertebral bodies
+    alone (``bodies``: the body of vertebra ``n`` labelled as in ``labels``, without its posterior
+    elements, and the sacrum :data:`~discgeo.levels.SACRUM_LABEL`; what a segmenter of bodies learns)."""
 
     image: Volume
     labels: Volume
     truth: dict[str, Any] = field(repr=False)
+    bodies: Volume | None = field(default=None, repr=False)
 
 
 def make_case(
@@ -665,7 +679,7 @@ def make_case(
     grid = _grid_for(
         anatomy, grid_rng, spacing=spacing, rotation_deg=rotation_deg, full_coverage=full_coverage
     )
-    labels, tissue = _rasterise(anatomy, grid)
+    labels, tissue, bodies = _rasterise(anatomy, grid)
     image = _render(tissue, grid.spacing, chosen, render_rng)
     affine = grid.affine()
     patient_id = f"DG-PHANTOM-{seed}-{case:04d}"
@@ -691,7 +705,8 @@ def make_case(
     meta = {"contrast": chosen, "phantom": patient_id}
     image_vol = Volume(image, affine, meta=meta)
     label_vol = Volume(labels, affine, meta={"phantom": patient_id})
-    return PhantomCase(image=image_vol, labels=label_vol, truth=truth)
+    body_vol = Volume(bodies, affine, meta={"phantom": patient_id})
+    return PhantomCase(image=image_vol, labels=label_vol, truth=truth, bodies=body_vol)
 
 
 def _fully_in_view(labels: np.ndarray, label: int) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 
 from discgeo.config import STAGE_NAMES, Settings
 from discgeo.errors import DiscgeoError, InvalidDataError
-from discgeo.schemas import DiscResult, GeometryResult, NarrowingPrediction, StudyResult
+from discgeo.schemas import DiscResult, GeometryResult, LevelNaming, NarrowingPrediction, StudyResult
 from discgeo.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class RemoteStages:
 
     def segment(self, volume: Volume) -> Volume:
         from discgeo.io.nifti import nifti_from_bytes, nifti_to_bytes
+        from discgeo.segmentation import SEGMENTATION_HEADER, with_segmentation_header
 
         payload = nifti_to_bytes(volume)
         response = self._call(
@@ -236,7 +237,9 @@ class RemoteStages:
         if labels.shape != canonical.shape or not np.allclose(labels.affine, canonical.affine, atol=1e-3):
             raise RemoteStageError("segmenter service answered on a different voxel grid", 502)
         # NIfTI stores the affine in float32: keep the input's exact geometry
-        return canonical.with_array(labels.array)
+        return with_segmentation_header(
+            canonical.with_array(labels.array), response.headers.get(SEGMENTATION_HEADER.lower())
+        )
 
     def measure(self, labels: Volume) -> GeometryResult:
         from discgeo.io.nifti import nifti_to_bytes
@@ -338,9 +341,14 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
         else {}
     )
     too_large = {item["level"] for item in encoded.too_large}
+    naming = LevelNaming(
+        named_from=str(labels.meta.get("levels_from", "lowest disc")),
+        uncertain=bool(labels.meta.get("levels_uncertain", False)),
+        notes=[str(note) for note in labels.meta.get("level_notes", [])],
+    )
     discs = []
     for disc in geometry.discs:
-        disc_flags = []
+        disc_flags = ["level_uncertain"] if naming.uncertain else []
         z_q = by_encoder.get(disc.level)
         if disc.level in too_large:
             disc_flags.append("too_large_for_encoder")
@@ -359,6 +367,8 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
                 flags=disc_flags,
             )
         )
+    if naming.uncertain:
+        flags.append("levels_uncertain")
     if len(discs) < FEW_DISCS:
         flags.append("few_discs")
     if geometry.dropped_fragments or labels.meta.get("dropped_fragments"):
@@ -374,6 +384,7 @@ def analyse_study(volume: Volume, stages: Stages, *, study: str = "study") -> tu
         },
         model_versions=stages.versions(),
         discs=discs,
+        levels=naming,
         flags=flags,
         timings_s=timings,
     )

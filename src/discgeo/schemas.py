@@ -98,6 +98,19 @@ class DiscResult(_Model):
     flags: list[str] = Field(default_factory=list, description="quality flags, e.g. unusual_shape")
 
 
+class LevelNaming(_Model):
+    """How the disc levels were named (:mod:`discgeo.spine`)."""
+
+    named_from: str = Field(
+        default="lowest disc",
+        description="sacrum (anchored chain), lowest body (no sacrum in view) or lowest disc (counted)",
+    )
+    uncertain: bool = Field(
+        default=False, description="levels may be off: no level-specific codes in SR and SEG"
+    )
+    notes: list[str] = Field(default_factory=list)
+
+
 class StudyResult(_Model):
     """The pipeline's answer for one study."""
 
@@ -106,6 +119,7 @@ class StudyResult(_Model):
     input: dict[str, str | float | int | list[float] | list[int]] = Field(default_factory=dict)
     model_versions: dict[str, str]
     discs: list[DiscResult]
+    levels: LevelNaming = Field(default_factory=LevelNaming)
     flags: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(
         default_factory=list, description="what was normalised or dropped in the input (names, never values)"

@@ -8,13 +8,16 @@
    and each sagittal slice is segmented on its own;
 3. sliding-window inference with the model's fixed ROI, 25 % overlap and Gaussian weighting of the
    window centres, batched;
-4. disc probability resampled back to the original grid, thresholded at 0.5;
+4. class probabilities resampled back to the original grid, each voxel given its most probable class
+   (for a disc-only model: disc probability at least 0.5);
 5. post-processing: connected components under ``min_fragment_mm3`` dropped and components much
    larger than the median disc split at their narrowest part (touching discs); then components under
    20 % of the typical disc (the median of the five largest: a lumbar view holds at least five discs)
    dropped, as are smaller ones more than 20 mm in front of or behind the column of discs; pieces at
-   the same height merged (one disc segmented in parts); levels assigned from the bottom (SPIDER
-   labels 201+).
+   the same height merged (one disc segmented in parts); levels named (SPIDER labels 201+): from the
+   vertebral chain anchored at the sacrum (:mod:`discgeo.spine`) when the model also segments
+   vertebral bodies and the sacrum (``class_names`` in its metadata), else counted from the lowest
+   disc.
 
 The artifact's metadata states ``dims`` (2 or 3), ``spacing_mm`` (the training spacing), ``roi``,
 ``classes`` and the ONNX input/output names, and may name inference modes in ``inference_spacings_mm``
@@ -26,6 +29,7 @@ boundaries more precisely, at the cost of more windows).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from discgeo import levels
+from discgeo import levels, spine
 from discgeo.config import Settings
 from discgeo.errors import InvalidDataError
 from discgeo.runtime import open_session
@@ -48,6 +52,28 @@ RELATIVE_FRAGMENT = 0.2  # components under this fraction of the typical disc ar
 TYPICAL_DISCS = 5  # the typical disc size is the median of this many largest components
 MERGE_IN_PLANE_MM = 35.0  # pieces of one disc lie closer than this side by side (discs are 35-50 mm wide)
 OFF_SPINE_MM = 20.0  # a smaller component this far in front of or behind the disc column is not a disc
+# what a label map's metadata says about its segmentation: travels beside it between services, as
+# JSON in the segmenter's response header
+SEGMENTATION_META = ("dropped_fragments", "levels_from", "levels_uncertain", "level_notes")
+SEGMENTATION_HEADER = "X-Discgeo-Segmentation"
+
+
+def segmentation_header(labels: Volume) -> str:
+    """The :data:`SEGMENTATION_META` of a label map as one line of ASCII JSON (an HTTP header)."""
+    return json.dumps({key: labels.meta[key] for key in SEGMENTATION_META if key in labels.meta})
+
+
+def with_segmentation_header(labels: Volume, header: str | None) -> Volume:
+    """``labels`` with the metadata of a :func:`segmentation_header` (none when ``header`` is None)."""
+    if header is None:
+        return labels
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as exc:
+        raise InvalidDataError(f"{SEGMENTATION_HEADER} is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise InvalidDataError(f"{SEGMENTATION_HEADER} is not a JSON object")
+    return labels.with_array(labels.array, **{k: meta[k] for k in SEGMENTATION_META if k in meta})
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -269,6 +295,12 @@ class Segmenter:
         ]
         self.roi = [int(r) for r in metadata["roi"]]
         self.classes = int(metadata["classes"])
+        self.class_names = list(metadata.get("class_names", ["background", "disc"]))
+        if len(self.class_names) != self.classes or self.class_names[:2] != ["background", "disc"]:
+            raise InvalidDataError(
+                f"segmenter {self.version}: classes {self.class_names} do not start with background, disc"
+            )
+        self.anatomy = {"vertebral_body", "sacrum"} <= set(self.class_names)
         self.session = open_session(folder / metadata["files"]["model"], providers, threads)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -309,39 +341,49 @@ class Segmenter:
     def scale_probabilities(
         self, volume: Volume, spacings: Sequence[Sequence[float | None]]
     ) -> list[np.ndarray]:
-        """The disc probability of the model run at each of ``spacings``, each on the (canonical) grid
-        of ``volume``."""
+        """The probabilities of the classes but background (``[classes - 1, *shape]``, disc first) of
+        the model run at each of ``spacings``, each on the (canonical) grid of ``volume``."""
         image = normalise(np.asarray(volume.array, dtype=np.float32))
         found = []
         for spacing in spacings:
             target = (None, spacing[-2], spacing[-1]) if self.dims == 2 else tuple(spacing)
             work = resample(image, volume.spacing, target)
-            probs = sliding_window(self._run, work, self.roi, self.classes)[1]  # 2D: over the slices
-            found.append(resize(probs, volume.shape, order=1))
+            probs = sliding_window(self._run, work, self.roi, self.classes)[1:]  # 2D: over the slices
+            found.append(np.stack([resize(p, volume.shape, order=1) for p in probs]))
         return found
 
-    def disc_probability(self, volume: Volume) -> np.ndarray:
-        """Disc probability on the (canonical) grid of ``volume``: the mean over the mode's inference
-        spacings of the model run at that spacing."""
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """The classes' probabilities but background's on the (canonical) grid of ``volume``: the
+        mean over the mode's inference spacings of the model run at that spacing."""
         return mean_probability(self.scale_probabilities(volume, self.inference_spacings))
+
+    def disc_probability(self, volume: Volume) -> np.ndarray:
+        """The disc probability on the (canonical) grid of ``volume`` (see :meth:`probabilities`)."""
+        return self.probabilities(volume)[0]
 
     def predict(self, volume: Volume, *, min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3) -> Volume:
         """Label map of the discs (SPIDER labels 201+, lowest = L5-S1) on the grid of ``volume``."""
         canonical = volume.canonical()
         check_image(canonical)
-        probability = self.disc_probability(canonical)
-        return self.label_discs(canonical, probability, min_fragment_mm3=min_fragment_mm3)
+        return self.label_discs(canonical, self.probabilities(canonical), min_fragment_mm3=min_fragment_mm3)
 
     def label_discs(
         self,
         canonical: Volume,
-        probability: np.ndarray,
+        probabilities: np.ndarray,
         *,
         min_fragment_mm3: float = DEFAULT_MIN_FRAGMENT_MM3,
     ) -> Volume:
-        """Steps 4-5 of :meth:`predict`: ``probability`` (on the grid of the canonical volume
-        ``canonical``) thresholded at 0.5, post-processed, labelled by level."""
-        mask = probability >= 0.5
+        """Steps 4-5 of :meth:`predict`: ``probabilities`` (:meth:`probabilities`, on the grid of the
+        canonical volume ``canonical``) turned into the most probable class per voxel, the discs
+        post-processed and labelled by level: from the vertebral chain (:mod:`discgeo.spine`) when the
+        model finds vertebral bodies and the sacrum, else counted from the lowest disc.
+
+        The label map's metadata says how: ``levels_from`` (``sacrum``, ``lowest body`` or ``lowest
+        disc``), ``levels_uncertain`` and ``level_notes`` (:data:`SEGMENTATION_META`)."""
+        background = 1.0 - probabilities.sum(axis=0)
+        winner = np.argmax(np.concatenate([background[None], probabilities]), axis=0)
+        mask = winner == 1
         voxel_mm3 = float(np.prod(canonical.spacing))
         parts, dropped = split_touching(mask, voxel_mm3=voxel_mm3, min_fragment_mm3=min_fragment_mm3)
         sizes = np.bincount(parts.ravel())
@@ -353,13 +395,33 @@ class Segmenter:
         largest = present[np.argsort(sizes[present])[::-1][:MAX_DISCS]]
         dropped += int(np.count_nonzero(sizes[1:])) - len(largest)
         parts = merge_same_level(np.where(np.isin(parts, largest), parts, 0), canonical.affine)
-        order = _bottom_up(parts, canonical.affine)
+        present, centres = _centres(parts, canonical.affine)
+        meta: dict[str, Any] = {"levels_from": "lowest disc", "levels_uncertain": False, "level_notes": []}
+        if self.anatomy:
+            sizes = np.bincount(parts.ravel())
+            chain = spine.place_discs(
+                {int(v): c for v, c in zip(present, centres, strict=True)},
+                {int(v): int(sizes[v]) for v in present},
+                winner == self.class_names.index("vertebral_body"),
+                winner == self.class_names.index("sacrum"),
+                canonical.affine,
+            )
+            index = chain.index
+            dropped += len(chain.rejected)
+            meta = {
+                "levels_from": "sacrum" if chain.anchored else "lowest body",
+                "levels_uncertain": chain.uncertain,
+                "level_notes": chain.notes,
+            }
+        else:
+            order = [int(v) for v in present[np.argsort(centres[:, 2], kind="stable")]]
+            index = {part: i for i, part in enumerate(order)}
         labels = np.zeros(canonical.shape, np.uint8)
-        for index, part in enumerate(order):
-            labels[parts == part] = levels.disc_label(index)
+        for part, level in index.items():
+            labels[parts == part] = levels.disc_label(level)
         if dropped:
-            log.info("dropped %d fragment(s) under %g mm3", dropped, min_fragment_mm3)
-        return canonical.with_array(labels, segmenter=self.version, dropped_fragments=dropped)
+            log.info("dropped %d fragment(s) under %g mm3 or off the spine", dropped, min_fragment_mm3)
+        return canonical.with_array(labels, segmenter=self.version, dropped_fragments=dropped, **meta)
 
 
 def mean_probability(probabilities: Sequence[np.ndarray]) -> np.ndarray:
@@ -461,14 +523,6 @@ def _on_spine(
     slope, intercept = np.polyfit(points[disc_sized, 2], points[disc_sized, 1], 1)
     offset = np.abs(points[:, 1] - (slope * points[:, 2] + intercept))
     return candidates[disc_sized | (offset <= OFF_SPINE_MM)]
-
-
-def _bottom_up(parts: np.ndarray, affine: np.ndarray) -> list[int]:
-    """Labels ordered by the height (superior coordinate) of their centre of mass, lowest first."""
-    if not np.any(parts):
-        return []
-    labels, centres = _centres(parts, affine)
-    return [int(v) for v in labels[np.argsort(centres[:, 2], kind="stable")]]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import pytest
 from discgeo.io.nifti import nifti_to_bytes
 from discgeo.local import ROOT, bentoml_service, client_headers
 from discgeo.phantom import make_case, write_dicom_series
-from discgeo.segmentation import Segmenter
+from discgeo.segmentation import SEGMENTATION_HEADER, SEGMENTATION_META, Segmenter, with_segmentation_header
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,10 @@ def test_nifti_in_labels_out_same_as_in_process(
     assert response.headers["x-discgeo-discs"] == str(len(case.truth["discs"]))
     local = Segmenter.from_artifact(threshold_segmenter_artifact).predict(image)
     assert np.array_equal(_labels(response), local.array)
+    # how the levels were named and what was dropped travel beside the labels
+    told = with_segmentation_header(local.with_array(local.array), response.headers[SEGMENTATION_HEADER])
+    assert {k: told.meta[k] for k in SEGMENTATION_META} == {k: local.meta[k] for k in SEGMENTATION_META}
+    assert told.meta["levels_from"] == "lowest disc" and told.meta["levels_uncertain"] is False
 
 
 def test_zipped_dicom_in(segmenter_url, bright_disc_study, tmp_path):

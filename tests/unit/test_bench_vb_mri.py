@@ -50,9 +50,15 @@ def test_a_missed_lowest_disc_shifts_every_name_down() -> None:
     discs[10:30, 10:30, 77:84] = 202
     score = score_volume(_volume(discs), _volume(_bodies()))
     assert score["found"] == 2 and score["levels_right"] == 0 and score["level_offsets"] == [-1, -1]
-    pooled = summarise([{**score, "segment_s": 1.0}, {**score, "segment_s": 3.0}])
+    pooled = summarise(
+        [
+            {**score, "segment_s": 1.0, "levels_uncertain": True},
+            {**score, "segment_s": 3.0, "levels_uncertain": False},
+        ]
+    )
     assert pooled["pairs_with_disc"] == 1.0 and pooled["level_right"] == 0.0
     assert pooled["level_offsets"] == {"-1": 4} and pooled["seconds_per_volume"] == 2.0
+    assert pooled["levels_uncertain"] == 0.5
 
 
 def test_a_disc_too_far_from_the_midpoint_is_not_found() -> None:

@@ -176,3 +176,36 @@ def test_non_conformant_copied_attributes_never_fail_a_study(threshold_stages, s
     seg = pydicom.dcmread(processed.files["seg"])
     assert seg.PatientBirthDate == "19610704" and seg.PatientAge == "045Y" and "PatientWeight" not in seg
     assert not [w for w in recwarn if "Verylong" in str(w.message) or "1961" in str(w.message)]
+
+
+def test_uncertain_levels_make_no_level_specific_claim(threshold_stages, study, tmp_path):
+    """A study whose levels could not be anchored (here: said so by the segmentation) keeps its
+    measurements, but SR and SEG code every disc as the generic intervertebral disc structure."""
+    from discgeo.levels import DISC_STRUCTURE
+    from discgeo.pipeline import LocalStages
+
+    class Unanchored(LocalStages):
+        def segment(self, volume):
+            labels = super().segment(volume)
+            note = "no sacrum in view: the lowest vertebral body is taken as L5"
+            return labels.with_array(
+                labels.array, levels_from="lowest body", levels_uncertain=True, level_notes=[note]
+            )
+
+    stages = Unanchored(segmenter=threshold_stages.segmenter)
+    processed = process_study(study, stages=stages, out=tmp_path, settings=Settings.from_env())
+    result = StudyResult.model_validate_json(processed.files["results"].read_text())
+    assert result.levels.uncertain and result.levels.named_from == "lowest body"
+    assert "levels_uncertain" in result.flags and len(result.discs) >= 5
+    assert all("level_uncertain" in d.flags and d.geometry.mean_height_mm > 0 for d in result.discs)
+    seg = pydicom.dcmread(processed.files["seg"])
+    for segment in seg.SegmentSequence:
+        assert segment.SegmentLabel.endswith("(level uncertain)")
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == DISC_STRUCTURE.value
+    groups = hd.sr.srread(processed.files["sr"]).content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(result.discs)
+    assert {_code(g.finding_type) for g in groups} == {_code(DISC_STRUCTURE)}
+    # the same study anchored: level-specific codes (fourth lumbar vertebra for L4-L5, ...)
+    anchored = process_study(study, stages=threshold_stages, out=tmp_path / "a", settings=Settings.from_env())
+    groups = hd.sr.srread(anchored.files["sr"]).content.get_volumetric_roi_measurement_groups()
+    assert _code(DISC_STRUCTURE) not in {_code(g.finding_type) for g in groups}

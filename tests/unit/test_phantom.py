@@ -59,8 +59,17 @@ def test_ranges_and_label_conventions_over_a_cohort():
         assert discs == [levels.disc_label(i) for i in range(len(discs))]
         assert set(discs) <= labels and levels.CANAL_LABEL in labels
         assert [d["level"] for d in c.truth["discs"]][:2] == ["L5-S1", "L4-L5"]
-        vertebrae = sorted(v % 100 for v in labels if 0 < v < 200 and v != 100)
+        assert levels.SACRUM_LABEL in labels  # the view always reaches the sacrum
+        special = (levels.CANAL_LABEL, levels.SACRUM_LABEL)
+        vertebrae = sorted(v % 100 for v in labels if 0 < v < 200 and v not in special)
         assert vertebrae == list(range(1, len(vertebrae) + 1)) and len(vertebrae) >= len(discs) - 1
+        # the bodies map: each vertebra's body alone (inside its labelled vertebra) and the sacrum
+        bodies = c.bodies.array
+        assert set(np.unique(bodies).tolist()) == {0, levels.SACRUM_LABEL, *vertebrae}
+        assert np.array_equal(bodies == levels.SACRUM_LABEL, c.labels.array == levels.SACRUM_LABEL)
+        body = (bodies > 0) & (bodies != levels.SACRUM_LABEL)
+        assert np.all(c.labels.array[body] % 100 == bodies[body])
+        assert 0.3 < body.sum() / np.isin(c.labels.array % 100, vertebrae).sum() < 0.9  # no posterior parts
         # the truth volume agrees with the rasterised label map (voxel-centre sampling)
         vox = np.prod(c.labels.spacing)
         errors = [

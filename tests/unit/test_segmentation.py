@@ -258,3 +258,22 @@ def test_shipped_segmenter_reproduces_its_recorded_real_case_figures(ivd_dir, mo
     dice = {r["level"]: round(r["dice"], 3) for r in rows}
     assert dice == pytest.approx(recorded["dice_by_level"], abs=2e-3)
     assert min(r["dice"] for r in rows) > 0.88
+
+
+def test_segmentation_metadata_travels_as_a_header_and_bad_headers_are_refused():
+    from discgeo.errors import InvalidDataError
+    from discgeo.segmentation import segmentation_header, with_segmentation_header
+
+    labels = Volume(np.zeros((2, 3, 4), np.uint8), np.eye(4), meta={"segmenter": "x"})
+    named = labels.with_array(
+        labels.array, dropped_fragments=2, levels_from="sacrum", levels_uncertain=True, level_notes=["a 'b'"]
+    )
+    header = segmentation_header(named)
+    assert header.isascii() and "\n" not in header and "segmenter" not in header
+    back = with_segmentation_header(labels, header)
+    assert back.meta["level_notes"] == ["a 'b'"] and back.meta["levels_uncertain"] is True
+    assert back.meta["dropped_fragments"] == 2 and back.meta["segmenter"] == "x"
+    assert with_segmentation_header(labels, None) is labels
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(InvalidDataError, match="X-Discgeo-Segmentation"):
+            with_segmentation_header(labels, bad)

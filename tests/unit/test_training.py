@@ -33,7 +33,7 @@ def test_segmenter_augmentation_workers_each_draw_their_own_transforms():
     image = np.linspace(0, 1, 60 * 60, dtype=np.float32).reshape(1, 60, 60)
     labels = np.zeros((1, 60, 60), np.uint8)
     labels[0, 20:40, 10:50] = 1
-    items = [{"image": image, "label": labels}] * 8  # one slice, eight times
+    items = [{"image": image, "label": labels, "foreground": labels}] * 8  # one slice, eight times
     batches = list(_batches(items, _transforms(CONFIGS["cpu"], 0), 2 * SAMPLES_PER_ITEM, workers=2, seed=0))
     assert len(batches) == 4
     assert all(b["image"].shape == (8, 1, 128, 128) and b["label"].shape == (8, 1, 128, 128) for b in batches)

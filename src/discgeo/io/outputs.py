@@ -130,7 +130,7 @@ def write_sr(
                 referenced_segment=hd.sr.ReferencedSegment(
                     seg.SOPClassUID, seg.SOPInstanceUID, segment_of[disc.level], source_series=source_series
                 ),
-                finding_type=levels.disc_structure_code(disc.level),
+                finding_type=levels.disc_structure_code(disc.level, uncertain=result.levels.uncertain),
                 algorithm_id=segmenter,
                 measurements=measurements,
                 qualitative_evaluations=evaluations or None,
@@ -259,6 +259,13 @@ def write_outputs(
         files["seg"] = out / "seg.dcm"
         with warnings.catch_warnings():  # highdicom's and pydicom's warnings quote header values
             warnings.simplefilter("ignore", UserWarning)
-            seg = write_seg(labels, source_images, files["seg"], discs=discs, provenance=provenance)
+            seg = write_seg(
+                labels,
+                source_images,
+                files["seg"],
+                discs=discs,
+                provenance=provenance,
+                levels_uncertain=result.levels.uncertain,
+            )
             files["sr"] = write_sr(result, seg, source_images, out / "sr.dcm", provenance=provenance)
     return files

@@ -27,11 +27,13 @@ def write_seg(
     discs: Sequence[tuple[int, str]],
     provenance: Provenance,
     series_number: int = 901,
+    levels_uncertain: bool = False,
 ) -> hd.seg.Segmentation:
     """Write the discs of ``labels`` as a binary DICOM SEG referencing ``source_images``; returns it.
 
     ``discs`` lists ``(label value, level name)``; segment n is the n-th disc, labelled with its level
-    and coded with the SNOMED CT structure of that disc. The label map must share the source series'
+    and coded with the SNOMED CT structure of that disc; with ``levels_uncertain`` the label says so
+    and the code is the generic intervertebral disc structure. The label map must share the source series'
     frame of reference (any grid: highdicom matches frames by their positions). UIDs come from
     ``provenance`` (the same study, revision and models give the same SEG), the algorithm is the
     segmenter artifact with its version.
@@ -51,9 +53,10 @@ def write_seg(
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=f"{level} intervertebral disc",
+                segment_label=f"{level} intervertebral disc"
+                + (" (level uncertain)" if levels_uncertain else ""),
                 segmented_property_category=codes.SCT.AnatomicalStructure,
-                segmented_property_type=levels.disc_structure_code(level),
+                segmented_property_type=levels.disc_structure_code(level, uncertain=levels_uncertain),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm,
                 tracking_uid=provenance.uid(f"tracking {level}"),
