@@ -522,9 +522,9 @@ def weights_from_onnx(model: torch.nn.Module, path: Path) -> None:
     tables = [k for k in state if k.endswith("relative_position_bias_table")]
     for key, value in state.items():
         if key in stored and key.startswith("out.") and stored[key].shape[0] < value.shape[0]:
-            # more classes than the graph's: the new classes' head starts as the background's
-            extra = np.repeat(stored[key][:1], value.shape[0] - stored[key].shape[0], axis=0)
-            weights[key] = np.concatenate([stored[key], extra])
+            # more classes than the graph's: the new classes keep the model's own random start (a copy
+            # of another class's head would learn only as fast as the two drift apart)
+            weights[key] = np.concatenate([stored[key], value.numpy()[stored[key].shape[0] :]])
         elif key in stored:
             weights[key] = stored[key]
         elif key.endswith("relative_position_index"):

@@ -220,6 +220,7 @@ class Anatomy:
     vertebrae: list[list[Shape]]  # per vertebra above each disc: body + posterior elements
     sacrum: Slab
     canal: list[Box]
+    remnant: Slab | None  # an S1-S2 remnant disc inside the sacrum (Variant.remnant)
     spine_line: np.ndarray  # (n, 3) points along the vertebral body centres, bottom to top
     back_depth: float
     front_depth: float
@@ -229,7 +230,25 @@ class Anatomy:
     population: str  # "young-adult" (20-40, the real reference's range) or "older" (41-82)
 
 
-def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
+@dataclass(frozen=True)
+class Variant:
+    """Opt-in departures from the usual lumbar study, for testing how levels are named (the default
+    changes nothing: a cohort's anatomy, grid and image stay those of its seeds).
+
+    * ``lordosis_deg``: extra lordosis, spread evenly over the wedges of the five lumbar discs;
+    * ``scoliosis_deg``: a lateral curve, the frontal tilt of the chain going from +this at the
+      sacrum to -this at the top (the grid follows the spine sideways);
+    * ``view="no-sacrum"``: the field of view starts inside L5 (no sacrum, no L5-S1 disc in view);
+    * ``remnant``: a rudimentary S1-S2 disc inside the sacrum, 24 mm below its upper endplate (disc
+      tissue, labelled sacrum: no lumbar disc)."""
+
+    lordosis_deg: float = 0.0
+    scoliosis_deg: float = 0.0
+    view: Literal["lumbar", "no-sacrum"] = "lumbar"
+    remnant: bool = False
+
+
+def _make_anatomy(rng: np.random.Generator, n_discs: int, variant: Variant = Variant()) -> Anatomy:
     """Draw one patient's anatomy (see the module docstring; sizes from :mod:`discgeo.reference`)."""
     young = bool(rng.random() < YOUNG_ADULT_SHARE)
     age = float(rng.uniform(20, 40)) if young else float(rng.uniform(41, 82))
@@ -259,7 +278,11 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
     vertebrae: list[list[Shape]] = []
     canal: list[Box] = []
     line = [point.copy()]
-    sac_basis = frame_basis(angle, frontal, axial)
+
+    def tilt(step: float) -> float:  # the frontal angle along the chain (step 0 = the sacrum)
+        return frontal + variant.scoliosis_deg * math.cos(math.pi * step / max(1, 2 * n_discs))
+
+    sac_basis = frame_basis(angle, tilt(0), axial)
     sac_a = reference.expected("ap_width_mm", levels.level_name(0)) / 2 * scale + 1.0
     sac_b = sac_a * 1.25
     sacrum = Slab(
@@ -295,9 +318,11 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         slope = 2.0 * math.tan(math.radians(_LEVEL_WEDGE[at]) / 2.0) / typical
         slope_sd = 2.0 * math.tan(math.radians(_LEVEL_WEDGE_SD[at]) / 2.0) / typical
         gradient = height * float(rng.normal(slope, slope_sd)) * (1.0 - 0.6 * degeneration)
-        wedge = math.degrees(2.0 * math.atan(gradient / 2.0))
+        wedge = math.degrees(2.0 * math.atan(gradient / 2.0)) + (
+            variant.lordosis_deg / 5 if index < 5 else 0.0
+        )
         mid = angle + wedge / 2.0
-        basis = frame_basis(mid, frontal, axial)
+        basis = frame_basis(mid, tilt(2 * index + 1), axial)
         center = point + (height / 2.0) * basis[:, 2]
         slab = Slab(
             center=center,
@@ -327,7 +352,7 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         v_wedge = float(rng.normal(4.0 if index == 0 else (-1.0 if index < 5 else -3.0), 1.5))
         v_h = float(rng.normal(27.0, 1.5)) * scale * (0.92 if index >= 5 else 1.0)
         v_mid = angle + v_wedge / 2.0
-        v_basis = frame_basis(v_mid, frontal, axial)
+        v_basis = frame_basis(v_mid, tilt(2 * index + 2), axial)
         v_center = point + (v_h / 2.0) * v_basis[:, 2]
         v_ap = ap * float(rng.uniform(0.95, 0.99))
         v_lat = lat * float(rng.uniform(0.96, 1.0))
@@ -370,6 +395,17 @@ def _make_anatomy(rng: np.random.Generator, n_discs: int) -> Anatomy:
         vertebrae=vertebrae,
         sacrum=sacrum,
         canal=canal,
+        remnant=Slab(
+            center=sacrum.center + (20.0 - 24.0) * sac_basis[:, 2],
+            basis=sac_basis,
+            a=sac_a * 0.75,
+            b=sac_b * 0.6,
+            p=2.2,
+            h=3.0,
+            wedge_deg=0.0,
+        )
+        if variant.remnant
+        else None,
         spine_line=np.array(line),
         back_depth=float(rng.uniform(100, 135)),
         front_depth=float(rng.uniform(110, 190)),
@@ -462,6 +498,7 @@ def _grid_for(
     spacing: tuple[float, float, float] | None,
     rotation_deg: tuple[float, float, float],
     full_coverage: bool,
+    variant: Variant = Variant(),
 ) -> GridSpec:
     lateral_cover = float(rng.uniform(50, 110))  # real protocols do not always cover the whole disc width
     if spacing is None:
@@ -474,9 +511,13 @@ def _grid_for(
     n_x = int(np.clip(math.ceil(lateral_cover / spacing[0]), 12, 60))
     if full_coverage:
         widest = max(2 * d.slab.b for d in anatomy.discs)
+        if variant.scoliosis_deg:  # and the lateral curve
+            widest += float(np.ptp([d.slab.center[0] for d in anatomy.discs]))
         n_x = max(n_x, math.ceil((widest + 24.0) / spacing[0]))
     disc_pts = np.array([d.slab.center for d in anatomy.discs])
     z_lo = float(disc_pts[:, 2].min()) - float(rng.uniform(35, 70))
+    if variant.view == "no-sacrum":  # the field starts a little below L5's centre
+        z_lo = float(anatomy.vertebrae[0][0].center[2]) - 5.0
     z_hi = float(disc_pts[:, 2].max()) + float(rng.uniform(25, 55))
     y_mid = float(np.mean(anatomy.spine_line[:, 1]))
     fov_y = float(rng.uniform(200, 290))
@@ -484,7 +525,8 @@ def _grid_for(
     pad = 1.0 + (0.25 if any(rotation_deg) else 0.0)
     n_y = math.ceil(fov_y * pad / spacing[1])
     n_z = math.ceil((z_hi - z_lo) * pad / spacing[2])
-    centre = np.array([float(rng.normal(0, 2)), y_lo + fov_y / 2, (z_lo + z_hi) / 2])
+    x_mid = float(np.mean(disc_pts[:, 0])) if variant.scoliosis_deg else 0.0  # follow a lateral curve
+    centre = np.array([x_mid + float(rng.normal(0, 2)), y_lo + fov_y / 2, (z_lo + z_hi) / 2])
     shape = (n_x, n_y, n_z)
     origin = centre - np.array(spacing) * (np.array(shape) - 1) / 2.0
     return GridSpec(spacing=spacing, shape=shape, origin=origin, rotation_deg=rotation_deg)
@@ -561,6 +603,8 @@ def _rasterise(anatomy: Anatomy, grid: GridSpec) -> tuple[np.ndarray, np.ndarray
         (tissue, T["marrow"]),
         (bodies, levels.SACRUM_LABEL),
     )
+    if anatomy.remnant is not None:  # disc tissue, part of the sacrum
+        _paint(anatomy.remnant, affine, (tissue, T["nucleus"]))
     for n, shapes in enumerate(anatomy.vertebrae):
         _paint(shapes[0], affine, (bodies, levels.vertebra_label(n)))
         for part in shapes:
@@ -650,6 +694,7 @@ def make_case(
     rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0),
     n_discs: int | None = None,
     full_coverage: bool = False,
+    variant: Variant = Variant(),
 ) -> PhantomCase:
     """Generate one phantom deterministically from ``(seed, case)``.
 
@@ -668,16 +713,23 @@ def make_case(
     full_coverage
         Widen the sagittal coverage (beyond the usual 60-slice limit if needed) so that every disc
         is entirely in view, as measurement tests need.
+    variant
+        Opt-in anatomy and views that test level naming (:class:`Variant`).
     """
     anatomy_rng = np.random.default_rng([seed, case, 1])
     grid_rng = np.random.default_rng([seed, case, 2])
     render_rng = np.random.default_rng([seed, case, 3])
     count = n_discs if n_discs is not None else int(anatomy_rng.integers(5, 8))
-    anatomy = _make_anatomy(anatomy_rng, count)
+    anatomy = _make_anatomy(anatomy_rng, count, variant)
     coin = render_rng.random()  # drawn always, so that fixing the contrast leaves the rest unchanged
     chosen: Contrast = ("t1" if coin < 0.5 else "t2") if contrast == "mixed" else contrast
     grid = _grid_for(
-        anatomy, grid_rng, spacing=spacing, rotation_deg=rotation_deg, full_coverage=full_coverage
+        anatomy,
+        grid_rng,
+        spacing=spacing,
+        rotation_deg=rotation_deg,
+        full_coverage=full_coverage,
+        variant=variant,
     )
     labels, tissue, bodies = _rasterise(anatomy, grid)
     image = _render(tissue, grid.spacing, chosen, render_rng)

@@ -3,16 +3,24 @@ loss that ignores the unknown voxels, and fine-tuning from a shipped ONNX artifa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from training.segmenter import (  # noqa: E402
+    BODY,
     CONFIGS,
+    DISC,
     IGNORE,
+    NOT_DISC,
+    SACRUM,
+    anatomy_targets,
     build_model,
     dice_ce_loss,
+    prepare,
     vertebra_partial_labels,
     weights_from_onnx,
 )
@@ -77,13 +85,59 @@ def test_the_loss_is_monai_dice_ce_without_ignored_voxels_and_blind_to_them():
     assert not torch.allclose(dice_ce_loss(logits, partial), expected)
 
 
+def test_four_classes_the_loss_is_monai_dice_ce_and_a_set_of_classes_scores_its_total():
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 16, 16, generator=g)
+    target = torch.randint(0, 4, (2, 1, 16, 16), generator=g)
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
+    assert torch.allclose(dice_ce_loss(logits, target), expected, atol=1e-6)
+    # "not disc" everywhere: the Dice of the disc class (all known negatives) and -log(1 - p_disc)
+    not_disc = torch.full_like(target, NOT_DISC)
+    p = torch.softmax(logits, 1)
+    ce = -torch.log(1 - p[:, DISC]).mean()
+    # Dice loss per sample and class: the disc's has no positive, 1 - smooth / (sum p + smooth); the
+    # other classes know no voxel, 1 - smooth / smooth = 0
+    dice = torch.zeros(2, 4)
+    dice[:, DISC] = 1 - 1e-5 / (p[:, DISC].sum((1, 2)) + 1e-5)
+    assert torch.allclose(dice_ce_loss(logits, not_disc), dice.mean() + ce, atol=1e-6)
+    # moving probability among background, body and sacrum changes nothing there
+    shuffled = logits.clone()
+    shuffled[:, [0, 2, 3]] = logits[:, [3, 0, 2]]
+    assert torch.allclose(dice_ce_loss(logits, not_disc), dice_ce_loss(shuffled, not_disc), atol=1e-6)
+
+
+def test_anatomy_targets_and_their_resampling_keep_each_class():
+    from discgeo import levels
+
+    labels = np.zeros((4, 40, 40), np.int16)
+    bodies = np.zeros((4, 40, 40), np.uint8)
+    bodies[:, 5:35, 2:12] = levels.SACRUM_LABEL
+    bodies[:, 5:35, 15:25] = 1
+    labels[:, 5:35, 12:15] = 201
+    config = CONFIGS["anatomy"]
+    y = anatomy_targets(labels, bodies, config)
+    assert set(np.unique(y)) == {0, DISC, BODY, SACRUM}
+    assert set(np.unique(anatomy_targets(labels, None, config))) == {DISC, NOT_DISC}
+    assert set(np.unique(anatomy_targets(labels, bodies, CONFIGS["cpu"]))) == {0, DISC}
+    image = np.random.default_rng(0).random((4, 40, 40)).astype(np.float32)
+    _, resampled = prepare(image, y, (3.0, 0.5, 0.5), config)  # to 1 mm in-plane
+    assert resampled.shape == (4, 20, 20)
+    for cls, voxels in ((DISC, 3 * 30), (BODY, 10 * 30), (SACRUM, 10 * 30)):  # per slice at 0.5 mm
+        assert abs(int((resampled == cls).sum()) - 4 * voxels / 4) <= 4 * 12, cls
+
+
 def test_the_shipped_segmenter_weights_come_back_from_its_onnx_file():
     import onnxruntime as ort
 
     from discgeo.config import Settings
 
-    path = Settings().artifact("segmenter") / "segmenter.onnx"
-    model = build_model(CONFIGS["cpu"]).eval()
+    folder = Settings().artifact("segmenter")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    path = folder / metadata["files"]["model"]
+    config = CONFIGS[metadata["training"]["config"]]
+    model = build_model(config).eval()
     weights_from_onnx(model, path)
     windows = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -92,4 +146,11 @@ def test_the_shipped_segmenter_weights_come_back_from_its_onnx_file():
     onnx = session.run(None, {"image": windows.numpy()})
     assert np.abs(ours - onnx[0]).max() < 1e-3  # float32 rounding only (a wrong table gives > 0.1)
     with pytest.raises(ValueError, match=r"no weight for|position bias"):
-        weights_from_onnx(build_model({**CONFIGS["cpu"], "feature_size": 24}), path)
+        weights_from_onnx(build_model({**config, "feature_size": 24}), path)
+    # a model of more classes starts from the same network: the graph's classes come out unchanged
+    more = build_model({**config, "classes": (*config["classes"], "extra-a", "extra-b")}).eval()
+    weights_from_onnx(more, path)
+    with torch.no_grad():
+        logits = more(windows).numpy()
+    assert logits.shape[1] == len(config["classes"]) + 2
+    assert np.abs(logits[:, : len(config["classes"])] - onnx[0]).max() < 1e-3

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 
 from discgeo import levels, spine
-from discgeo.phantom import make_case
+from discgeo.phantom import Variant, make_case
 from discgeo.segmentation import _centres
 
 
-@pytest.fixture(scope="module")
-def phantom():
+def _anatomy(variant: Variant | None = None, index: int = 2):
     """A 7-disc phantom: its discs (label -> world centre, voxels), bodies and sacrum."""
-    case = make_case(31, 2, n_discs=7, full_coverage=True)
+    case = make_case(31, index, n_discs=7, full_coverage=True, variant=variant or Variant())
     labels, bodies = case.labels.array, case.bodies.array
     discs = np.where(labels > levels.DISC_LABEL_BASE, labels, 0).astype(np.int32)
     present, centres = _centres(discs, case.labels.affine)
@@ -26,6 +25,11 @@ def phantom():
         "bodies": bodies,
         "spacing": case.labels.spacing,
     }
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return _anatomy()
 
 
 def _place(p, *, centres=None, bodies=None, sacrum=None):
@@ -94,3 +98,20 @@ def test_with_no_vertebral_chain_the_discs_are_counted_and_flagged(phantom):
     empty = np.zeros_like(phantom["bodies"], bool)
     chain = spine.place_discs(phantom["centres"], phantom["sizes"], empty, empty, phantom["affine"])
     assert chain.uncertain and chain.index == _truth(phantom["centres"])
+
+
+@pytest.mark.parametrize(
+    ("variant", "uncertain"),
+    [
+        (Variant(lordosis_deg=25.0), False),
+        (Variant(scoliosis_deg=15.0), False),
+        (Variant(lordosis_deg=-10.0, scoliosis_deg=-12.0), False),
+        (Variant(view="no-sacrum"), True),
+    ],
+)
+@pytest.mark.parametrize("case", [0, 5])
+def test_levels_stay_right_in_strong_curves_and_are_flagged_without_the_sacrum(variant, uncertain, case):
+    p = _anatomy(variant, case)
+    chain = _place(p)
+    assert chain.uncertain == uncertain, chain.notes
+    assert chain.index == _truth(p["centres"]) and chain.rejected == []
