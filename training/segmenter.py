@@ -22,6 +22,7 @@ Configurations
 random 128 x 128 patches. A 2D model sees every sagittal slice as an independent image, which on two
 CPU cores trains about an order of magnitude more patches per second than 3D windows; slice
 thickness of lumbar protocols (3-4.5 mm) carries little through-plane context anyway.
+``anatomy``: the ``cpu`` network with four classes (background, disc, vertebral body, sacrum).
 ``wide``: the ``cpu`` configuration at feature_size 24 (7.2 M parameters, ~29 MB; about 4x the
 compute): for training on a GPU and serving on CPU; it reads data prepared for ``cpu``.
 ``gpu``: 3D SwinUNETR-V2, feature_size 48 (the reference study's), 1.0 mm isotropic, 96^3 patches;
@@ -34,7 +35,10 @@ Data: phantom studies (T1- and T2-like, generated here), the real shared T2 case
 masks; ``--exclude case-NN`` leaves one out for leave-one-case-out testing) and, with ``--spider``,
 the SPIDER layout (images/*.mha, masks/*.mha, discs = labels 201+) and, with ``--vb-mri``, vertebral-
 body masks turned into partial disc labels (:func:`vertebra_partial_labels`; unknown voxels are left
-out of the loss, :func:`dice_ce_loss`). Two classes: background, disc.
+out of the loss, :func:`dice_ce_loss`). Two classes, background and disc, except in the ``anatomy``
+configuration: background, disc, vertebral body and sacrum (phantoms label all four; the real T2 cases
+their discs, "not disc" elsewhere; ``vb-mri`` its bodies and the partial disc labels), for levels
+named from the vertebral chain (:mod:`discgeo.spine`).
 Augmentation (MONAI): intensity scale/shift, bias field, Gaussian noise, contrast inversion, small
 rotations and zoom (spacing), flips across the lateral axis (3D). Seeded; checkpoints every epoch
 (``RUN/last.pt``, ``RUN/best.pt``), resumable; per-epoch loss, validation Dice and learning rate in
