@@ -112,11 +112,13 @@ bench-geometry: setup
 # The real T2 cases and the 145 real healthy discs through the pipeline, fast and accurate mode
 # (bench/results/real_cases*), and
 # the segmenter on the 34 vb-mri volumes scored against their vertebral bodies (bench/results/vb_mri.*;
-# DISCGEO_SEGMENTER_MODE=accurate python -m bench.vb_mri for the accurate mode, ~8x the time): ~15 min.
+# DISCGEO_SEGMENTER_MODE=accurate python -m bench.vb_mri for the accurate mode, ~8x the time) and on the
+# phantom variants that test level naming (bench/results/level_phantoms.*): ~17 min.
 bench-real: setup
 	$(PY) -m bench.real_cases
 	DISCGEO_SEGMENTER_MODE=accurate $(PY) -m bench.real_cases
 	$(PY) -m bench.vb_mri
+	$(PY) -m bench.level_phantoms
 
 # Model training (CPU defaults; see each script's --help). Artifacts land in models/.
 # Real reference anatomy (src/discgeo/reference_discs.json) and the phantoms against it

@@ -840,11 +840,12 @@ def export(run: Path, out: Path, *, score: bool = True) -> dict[str, Any]:
     recipe = _recipe(state)
     averaged = f"-avg{len(state['averaged'])}" if "averaged" in state else ""
     init = state.get("init_from")
-    version = (
-        f"{init['version']}+ft{state['epoch'] + 1}{averaged}"  # fine-tuned from that artifact
-        if init
-        else f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}{averaged}"
-    )
+    if init and init["training"]["config"] == state["config"]:  # fine-tuned from that artifact
+        version = f"{init['version']}+ft{state['epoch'] + 1}{averaged}"
+    elif init:  # another configuration (more classes) grown from that artifact's network
+        version = f"0.4.0-{state['config']}-ft{state['epoch'] + 1}{averaged}"
+    else:
+        version = f"0.3.0-{state['config']}-rw{recipe['real_weight']}-e{state['epoch'] + 1}{averaged}"
     metadata = {
         "kind": "segmenter",
         "name": "discgeo-swinunetr-v2",
