@@ -108,7 +108,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 CONFIGS["wide"] = {**CONFIGS["cpu"], "feature_size": 24}
 # the 2D network predicting vertebral bodies and the sacrum beside the discs (the levels are then
 # named from the vertebral chain, :mod:`discgeo.segmentation`); its data carry those classes
-CONFIGS["anatomy"] = {**CONFIGS["cpu"], "classes": ("background", "disc", "vertebral_body", "sacrum")}
+CONFIGS["anatomy"] = {
+    **CONFIGS["cpu"],
+    "classes": ("background", "disc", "vertebral_body", "sacrum"),
+    "batch_dice": True,  # the sacrum is in few patches (see dice_ce_loss)
+}
 
 
 def build_model(config: dict[str, Any]) -> torch.nn.Module:
@@ -457,7 +461,7 @@ def allowed_classes(target: torch.Tensor, classes: int) -> torch.Tensor:
     return table[target].movedim(-1, 1)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, batch: bool = False) -> torch.Tensor:
     """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (soft Dice per sample and class, every
     class, plus mean cross-entropy) for partial labels; with every voxel's class known it is that loss
     exactly (tested).
@@ -465,7 +469,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     A voxel whose target is a set of classes (:data:`NOT_DISC`) adds the cross-entropy of the set's
     total probability (the marginal loss of partially labelled segmentation) and counts in the Dice of
     the classes it excludes (a known negative), not of those it allows; :data:`IGNORE` voxels add
-    nothing."""
+    nothing. With ``batch`` the Dice pools the batch's patches, as MONAI's ``batch=True``: a class
+    absent from most patches (the sacrum) is then not pushed to zero in each patch without it."""
     target = target[:, 0].long()
     classes = logits.shape[1]
     allowed = allowed_classes(target, classes)
@@ -476,7 +481,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     probability = log_p.exp()
     positive = (allowed & (allowed.sum(1, keepdim=True) == 1)).float()
     known = positive + (~allowed).float()
-    axes = tuple(range(2, logits.ndim))
+    axes = (0, *range(2, logits.ndim)) if batch else tuple(range(2, logits.ndim))
     intersection = (probability * positive).sum(axes)
     total = (probability * known).sum(axes) + positive.sum(axes)
     smooth = 1e-5
@@ -684,7 +689,7 @@ def train(
             y = batch["label"].long().to(device(), non_blocking=True)
             with autocast(precision):
                 logits = model(x)
-            value = dice_ce_loss(logits.float(), y)
+            value = dice_ce_loss(logits.float(), y, batch=config.get("batch_dice", False))
             optimiser.zero_grad()
             value.backward()
             optimiser.step()

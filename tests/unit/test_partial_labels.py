@@ -93,6 +93,8 @@ def test_four_classes_the_loss_is_monai_dice_ce_and_a_set_of_classes_scores_its_
     target = torch.randint(0, 4, (2, 1, 16, 16), generator=g)
     expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, target)
     assert torch.allclose(dice_ce_loss(logits, target), expected, atol=1e-6)
+    pooled = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert torch.allclose(dice_ce_loss(logits, target, batch=True), pooled, atol=1e-6)
     # "not disc" everywhere: the Dice of the disc class (all known negatives) and -log(1 - p_disc)
     not_disc = torch.full_like(target, NOT_DISC)
     p = torch.softmax(logits, 1)
