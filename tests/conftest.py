@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -54,6 +55,73 @@ def threshold_model(path, roi=(64, 64)) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every ONNX Runtime release in use
     onnx.save(model, path)
+
+
+def band_model(path, centres, roi=(64, 64)) -> None:
+    """ONNX graph: logit of class i = -50 * (x - centres[i])^2 -> each voxel the class whose intensity
+    band it is in (an exact stand-in for a segmenter of several classes)."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, *roi])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(centres), *roi])
+    inits = [helper.make_tensor("k", TensorProto.FLOAT, [], [-50.0])]
+    nodes, outs = [], []
+    for i, centre in enumerate(centres):
+        inits.append(helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [float(centre)]))
+        nodes += [
+            helper.make_node("Sub", ["image", f"c{i}"], [f"d{i}"]),
+            helper.make_node("Mul", [f"d{i}", f"d{i}"], [f"q{i}"]),
+            helper.make_node("Mul", [f"q{i}", "k"], [f"l{i}"]),
+        ]
+        outs.append(f"l{i}")
+    nodes.append(helper.make_node("Concat", outs, ["logits"], axis=1))
+    graph = helper.make_graph(nodes, "bands", [x], [y], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+# normalised intensity of each class in :func:`anatomy_image`: background, sacrum, body, disc
+ANATOMY_BANDS = {"background": 0.0, "sacrum": 0.2, "vertebral_body": 0.6, "disc": 1.0}
+_ANATOMY_CLASSES = ["background", "disc", "vertebral_body", "sacrum"]
+
+
+@pytest.fixture(scope="session")
+def anatomy_segmenter_artifact(tmp_path_factory) -> Path:
+    """A segmenter artifact of the four anatomy classes whose 'model' reads each class from an
+    intensity band (:func:`anatomy_image` draws such images from phantom labels)."""
+    folder = tmp_path_factory.mktemp("anatomy-segmenter")
+    band_model(folder / "model.onnx", [ANATOMY_BANDS[name] for name in _ANATOMY_CLASSES])
+    write_artifact(
+        folder,
+        {
+            "kind": "segmenter",
+            "version": "anatomy-bands-test",
+            "dims": 2,
+            "spacing_mm": [None, 1.0, 1.0],
+            "roi": [64, 64],
+            "classes": 4,
+            "class_names": _ANATOMY_CLASSES,
+            "files": {"model": "model.onnx"},
+        },
+    )
+    return folder
+
+
+def anatomy_image(case):
+    """The image of a phantom on a 1 mm in-plane grid (no resampling on the way in) for
+    :func:`anatomy_segmenter_artifact`: the canal 250 (the 0.5th percentile of the non-zero voxels),
+    sacrum 400, vertebral bodies 700, discs 1000 (the 99.5th), the rest 0; normalised, those are the
+    classes' bands."""
+    from discgeo import levels
+
+    if tuple(case.labels.spacing[1:]) != (1.0, 1.0):
+        raise ValueError("anatomy images need a 1 mm in-plane phantom (make_case(spacing=(s, 1.0, 1.0)))")
+    bodies, labels = case.bodies.array, case.labels.array
+    image = np.zeros(labels.shape, np.float32)
+    image[labels == levels.CANAL_LABEL] = 250.0
+    image[bodies == levels.SACRUM_LABEL] = 400.0
+    image[(bodies > 0) & (bodies != levels.SACRUM_LABEL)] = 700.0
+    image[labels > levels.DISC_LABEL_BASE] = 1000.0
+    return case.labels.with_array(image)
 
 
 @pytest.fixture(scope="session")

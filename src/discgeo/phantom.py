@@ -516,8 +516,8 @@ def _grid_for(
         n_x = max(n_x, math.ceil((widest + 24.0) / spacing[0]))
     disc_pts = np.array([d.slab.center for d in anatomy.discs])
     z_lo = float(disc_pts[:, 2].min()) - float(rng.uniform(35, 70))
-    if variant.view == "no-sacrum":  # the field starts a little below L5's centre
-        z_lo = float(anatomy.vertebrae[0][0].center[2]) - 5.0
+    if variant.view == "no-sacrum":  # the field starts at L5's centre: no part of L5-S1 in view
+        z_lo = float(anatomy.vertebrae[0][0].center[2]) + 2.0
     z_hi = float(disc_pts[:, 2].max()) + float(rng.uniform(25, 55))
     y_mid = float(np.mean(anatomy.spine_line[:, 1]))
     fov_y = float(rng.uniform(200, 290))

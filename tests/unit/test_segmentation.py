@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from discgeo import levels
 from discgeo.cli import main
 from discgeo.io import write_nifti
 from discgeo.phantom import make_case
@@ -277,3 +278,34 @@ def test_segmentation_metadata_travels_as_a_header_and_bad_headers_are_refused()
     for bad in ("{not json", "[1, 2]"):
         with pytest.raises(InvalidDataError, match="X-Discgeo-Segmentation"):
             with_segmentation_header(labels, bad)
+
+
+@pytest.mark.parametrize(
+    ("variant", "named_from", "uncertain", "lowest"),
+    [
+        ({}, "sacrum", False, "L5-S1"),
+        ({"lordosis_deg": 25.0, "scoliosis_deg": 12.0}, "sacrum", False, "L5-S1"),
+        ({"view": "no-sacrum"}, "lowest body", True, "L4-L5"),
+    ],
+)
+def test_a_model_of_the_vertebrae_names_levels_from_the_chain(
+    anatomy_segmenter_artifact, variant, named_from, uncertain, lowest
+):
+    """The inference path of an anatomy model (exact stand-in: intensity bands): levels from the
+    sacrum, or from the lowest body and flagged when the sacrum is out of view; every disc in view
+    labelled with its true level."""
+    from conftest import anatomy_image
+    from discgeo.phantom import Variant
+    from discgeo.segmentation import Segmenter
+
+    case = make_case(77, 1, spacing=(3.0, 1.0, 1.0), n_discs=6, variant=Variant(**variant))
+    segmenter = Segmenter.from_artifact(anatomy_segmenter_artifact)
+    assert segmenter.anatomy
+    predicted = segmenter.predict(anatomy_image(case))
+    assert predicted.meta["levels_from"] == named_from and predicted.meta["levels_uncertain"] is uncertain
+    truth = case.labels.array
+    in_view = sorted(int(v) for v in np.unique(truth) if v > 200)
+    assert levels.level_of_disc_label(in_view[0]) == lowest
+    for value in in_view:  # each true disc's voxels carry its own label
+        labelled = predicted.array[truth == value]
+        assert np.mean(labelled == value) > 0.9, (value, np.unique(labelled, return_counts=True))
