@@ -165,8 +165,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     found = sorted(int(v) for v in set(labels.array.ravel().tolist()) if v)
     print(
         f"segmenter {segmenter.version} ({segmenter.mode} mode) on {segmenter.provider}: "
-        f"{len(found)} disc(s) -> {args.out}"
+        f"{len(found)} disc(s) -> {args.out}; levels from the {labels.meta['levels_from']}"
+        + (" (uncertain)" if labels.meta["levels_uncertain"] else "")
     )
+    for note in labels.meta["level_notes"]:
+        print(f"  {note}")
     return 0
 
 
@@ -255,7 +258,10 @@ def format_result_table(result: StudyResult) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items())
-    return f"{table}\n(* = narrowing predicted)  timings: {timing}"
+    naming = f"levels from the {result.levels.named_from}"
+    if result.levels.uncertain:
+        naming += " -- UNCERTAIN: " + "; ".join(result.levels.notes)
+    return f"{table}\n(* = narrowing predicted)  {naming}\ntimings: {timing}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -309,3 +309,15 @@ def test_a_model_of_the_vertebrae_names_levels_from_the_chain(
     for value in in_view:  # each true disc's voxels carry its own label
         labelled = predicted.array[truth == value]
         assert np.mean(labelled == value) > 0.9, (value, np.unique(labelled, return_counts=True))
+
+
+def test_segment_cli_says_how_the_levels_were_named(anatomy_segmenter_artifact, tmp_path, capsys):
+    from conftest import anatomy_image
+    from discgeo.phantom import Variant
+
+    case = make_case(77, 2, spacing=(3.0, 1.0, 1.0), n_discs=6, variant=Variant(view="no-sacrum"))
+    write_nifti(anatomy_image(case), tmp_path / "image.nii.gz")
+    args = ["segment", str(tmp_path / "image.nii.gz"), "--out", str(tmp_path / "pred.nii.gz")]
+    assert main([*args, "--model", str(anatomy_segmenter_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "levels from the lowest body (uncertain)" in out and "no sacrum in view" in out
