@@ -173,20 +173,25 @@ train-segmenter: seg-data
 	$(PY) -m training.segmenter export --run $(BUILD)/seg-run-$(SEG_CONFIG)-avg --out $(SEG_OUT)
 
 # Fine-tuning an exported model (SEG_BASE, default models/segmenter) on the data of `seg-data` plus the
-# vb-mri partial labels: 8 epochs at 1e-4 and 6 at 3e-5, the weights of epochs 9-14 averaged,
+# vb-mri partial labels: 8 epochs at 1e-4 and 6 at 3e-5, the weights of epochs 9-14 averaged (with
+# SEG_CONFIG=anatomy: the network grown to the vertebral-body and sacrum classes, see below),
 # exported and scored to build/segmenter-ft-CONFIG (training/results/segmenter.md, "Fine-tuning
 # on vb-mri": a candidate, not shipped).
 SEG_BASE ?= models/segmenter
 SEG_FT = $(BUILD)/seg-ft-$(SEG_CONFIG)
 SEG_FT_DATA = $(BUILD)/seg-data-vb-$(SEG_CONFIG)
-# the anatomy configuration's body and sacrum classes start from a new head: they need a faster start
+# the anatomy configuration's body and sacrum classes start from a new head: a longer, faster first
+# stage (14 epochs at 3e-4, then 6 at 3e-5, epochs 15-20 averaged)
 SEG_FT_LR = $(if $(filter anatomy,$(SEG_CONFIG)),3e-4,1e-4)
+SEG_FT_E1 = $(if $(filter anatomy,$(SEG_CONFIG)),14,8)
+SEG_FT_E2 = $(shell echo $$(($(SEG_FT_E1) + 6)))
+SEG_FT_AVG = $(shell seq -f %03g $$(($(SEG_FT_E1) + 1)) $(SEG_FT_E2))
 SEG_FT_T = --data $(SEG_FT_DATA) --config $(SEG_CONFIG) --real-weight 5 --workers $(or $(WORKERS),0)
 finetune-segmenter: setup
 	$(PY) -m training.segmenter data --out $(SEG_FT_DATA) --config $(SEG_CONFIG) --phantoms 50 --seed 11 --vb-mri --workers $(or $(WORKERS),1)
-	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs 8 --lr $(SEG_FT_LR)
-	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --epochs 14 --lr 3e-5 --snapshots-from 9
-	$(PY) -m training.segmenter average --checkpoints $(foreach e,009 010 011 012 013 014,$(SEG_FT)/epoch-$(e).pt) --data $(SEG_FT_DATA) --out $(SEG_FT)-avg
+	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --init-from $(SEG_BASE) --epochs $(SEG_FT_E1) --lr $(SEG_FT_LR)
+	$(PY) -m training.segmenter train $(SEG_FT_T) --run $(SEG_FT) --epochs $(SEG_FT_E2) --lr 3e-5 --snapshots-from $(firstword $(SEG_FT_AVG))
+	$(PY) -m training.segmenter average --checkpoints $(foreach e,$(SEG_FT_AVG),$(SEG_FT)/epoch-$(e).pt) --data $(SEG_FT_DATA) --out $(SEG_FT)-avg
 	$(PY) -m training.segmenter export --run $(SEG_FT)-avg --out $(BUILD)/segmenter-ft-$(SEG_CONFIG)
 
 # leave-one-case-out of the same recipe: one run per real case without it, each scored on its case (in
