@@ -12,9 +12,11 @@ when:
 
 * no sacrum is in view: the lowest body is then taken as L5, which holds only when the view reaches
   the lumbosacral junction;
-* a gap between two neighbours of the chain is much longer than the others (a body not found, or a
-  field of view that skips one): the count above it may be off;
 * two discs fall into one gap.
+
+When the chain itself is unsure (no two bodies without the sacrum, or a gap between neighbours much
+longer than the others: a body not found, or several bodies merged into one component), it names
+nothing: the discs are counted from the lowest one, none is left out, and the levels are uncertain.
 
 Transitional vertebrae (a sacralised L5, a lumbarised S1) cannot be told apart from a lumbar view
 alone: the chain anchors at whatever the segmenter calls sacrum.
@@ -32,7 +34,7 @@ MIN_BODY_MM3 = 4000.0  # a lumbar vertebral body is 25-45 cm3; this admits one c
 MIN_SACRUM_MM3 = 4000.0
 ENDPLATE_MM = 10.0  # the sacrum's upper endplate: its voxels this close to the nearest body, or its top
 OFF_CHAIN_MM = 15.0  # a disc centre this far from the chain's segment is not between those bodies
-LONG_GAP = 1.6  # a gap this many times the median gap (or a body's typical pitch) spans two levels
+LONG_GAP = 1.6  # a gap this many times the median gap (or a body's typical pitch): a body is missing
 TYPICAL_PITCH_MM = 38.0  # body + disc along the lumbar spine, when too few gaps give a median
 
 
@@ -103,29 +105,17 @@ def place_discs(
         doubts.append("no sacrum in view: the lowest vertebral body is taken as L5")
         anchor = centres[0] - 0.5 * (centres[1] - centres[0])  # where the sacral endplate would be
     if not centres or (not anchored and len(centres) < 2):
-        doubts.append("no vertebral chain found: levels counted from the lowest disc")
-        order = sorted(disc_centres, key=lambda v: float(disc_centres[v][2]))
-        return Chain(
-            index={v: i for i, v in enumerate(order)},
-            rejected=[],
-            anchored=anchored,
-            bodies=len(centres),
-            uncertain=True,
-            notes=doubts + notes,
-        )
+        doubts.append("no vertebral chain found")
+        return _counted(disc_centres, anchored, len(centres), doubts + notes)
     chain = [anchor, *centres]
     lengths = [float(np.linalg.norm(b - a)) for a, b in itertools.pairwise(chain)]
     # the first gap (endplate to L5's centre) is half a body pitch: doubled to compare with the others
     pitches = [2.0 * lengths[0], *lengths[1:]]
     usual = float(np.median(pitches)) if len(pitches) >= 3 else TYPICAL_PITCH_MM
-    spans = []  # levels per gap: more than one where a vertebral body was not found
-    for i, pitch in enumerate(pitches):
-        spans.append(max(1, round(pitch / usual)) if pitch > LONG_GAP * usual else 1)
-        if spans[-1] > 1:
-            doubts.append(
-                f"{lengths[i]:.0f} mm between chain members {i} and {i + 1}: a vertebral body not found"
-            )
-    first = np.cumsum([0, *spans])  # the level of each gap's first disc
+    long = [i for i, pitch in enumerate(pitches) if pitch > LONG_GAP * usual]
+    if long:  # a body not found, or several merged into one: the chain says nothing sure
+        doubts += [f"{lengths[i]:.0f} mm between chain members {i} and {i + 1}" for i in long]
+        return _counted(disc_centres, anchored, len(centres), doubts + notes)
     candidates: dict[int, list[int]] = {}
     rejected: list[int] = []
     for value, centre in disc_centres.items():
@@ -134,14 +124,12 @@ def place_discs(
             rejected.append(value)
             continue
         gap, along = found
-        # where the discs of a gap lie: a quarter of a pitch above the sacral endplate, half a pitch
-        # above a body's centre, one more pitch for each body not found
-        step = round(along / usual - (0.25 if gap == 0 else 0.5))
-        top = gap == len(chain) - 1
-        step = max(0, step) if top else int(np.clip(step, 0, spans[gap] - 1))
-        if top and step > 0:
-            doubts.append(f"a disc {step} level(s) above the highest vertebral body found")
-        candidates.setdefault(int(first[gap]) + step, []).append(value)
+        if gap == len(chain) - 1:  # above the highest body: half a pitch above its centre, then one per pitch
+            step = max(0, round(along / usual - 0.5))
+            if step > 0:
+                doubts.append(f"a disc {step} level(s) above the highest vertebral body found")
+            gap += step
+        candidates.setdefault(gap, []).append(value)
     if rejected:
         notes.append(
             f"{len(rejected)} disc-like component(s) below the sacrum's upper endplate or off the spine "
@@ -161,6 +149,19 @@ def place_discs(
         bodies=len(centres),
         uncertain=bool(doubts),
         notes=doubts + notes,
+    )
+
+
+def _counted(disc_centres: dict[int, np.ndarray], anchored: bool, bodies: int, notes: list[str]) -> Chain:
+    """Levels counted from the lowest disc (no disc left out), uncertain: the chain cannot name them."""
+    order = sorted(disc_centres, key=lambda v: float(disc_centres[v][2]))
+    return Chain(
+        index={v: i for i, v in enumerate(order)},
+        rejected=[],
+        anchored=anchored,
+        bodies=bodies,
+        uncertain=True,
+        notes=[*notes, "levels counted from the lowest disc"],
     )
 
 

@@ -79,11 +79,15 @@ def test_discs_below_the_sacral_endplate_or_in_front_of_the_spine_are_no_lumbar_
     assert chain.index == _truth(phantom["centres"])
 
 
-def test_a_body_not_found_is_flagged_and_the_names_above_it_stay_right(phantom):
+def test_a_body_not_found_leaves_the_counting_to_the_discs_and_flags_it(phantom):
     bodies = np.where(phantom["bodies"] == levels.vertebra_label(2), 0, phantom["bodies"])  # no L3
     chain = _place(phantom, bodies=bodies)
-    assert chain.uncertain and any("not found" in note for note in chain.notes)
-    assert chain.index == _truth(phantom["centres"])
+    assert chain.uncertain and any("between chain members 2 and 3" in note for note in chain.notes)
+    assert chain.index == _truth(phantom["centres"]) and chain.rejected == []
+    # a pelvic false positive is then counted as well: no disc is left out of a doubtful chain
+    pelvic = phantom["centres"][levels.disc_label(0)] + np.array([0.0, 45.0, -25.0])
+    doubtful = _place(phantom, bodies=bodies, centres={**phantom["centres"], 240: pelvic})
+    assert doubtful.uncertain and doubtful.rejected == [] and doubtful.index[240] == 0
 
 
 def test_two_discs_at_one_level_keep_the_larger_and_flag_it(phantom):
