@@ -381,9 +381,12 @@ class Segmenter:
 
         The label map's metadata says how: ``levels_from`` (``sacrum``, ``lowest body`` or ``lowest
         disc``), ``levels_uncertain`` and ``level_notes`` (:data:`SEGMENTATION_META`)."""
-        background = 1.0 - probabilities.sum(axis=0)
-        winner = np.argmax(np.concatenate([background[None], probabilities]), axis=0)
-        mask = winner == 1
+        if len(probabilities) == 1:  # disc only: the disc wins where its probability is at least 0.5
+            winner, mask = None, probabilities[0] >= 0.5
+        else:
+            background = 1.0 - probabilities.sum(axis=0)
+            winner = np.argmax(np.concatenate([background[None], probabilities]), axis=0)
+            mask = winner == 1
         voxel_mm3 = float(np.prod(canonical.spacing))
         parts, dropped = split_touching(mask, voxel_mm3=voxel_mm3, min_fragment_mm3=min_fragment_mm3)
         sizes = np.bincount(parts.ravel())
@@ -397,7 +400,7 @@ class Segmenter:
         parts = merge_same_level(np.where(np.isin(parts, largest), parts, 0), canonical.affine)
         present, centres = _centres(parts, canonical.affine)
         meta: dict[str, Any] = {"levels_from": "lowest disc", "levels_uncertain": False, "level_notes": []}
-        if self.anatomy:
+        if self.anatomy and winner is not None:
             sizes = np.bincount(parts.ravel())
             chain = spine.place_discs(
                 {int(v): c for v, c in zip(present, centres, strict=True)},
