@@ -245,7 +245,8 @@ def segmentation(root: Path, dataset: dict[str, Any], out: Path, settings: dict[
         seg.write_spider_series(data, root / str(s.image), root / str(s.mask), seg.CONFIGS["cpu"], reuse=True)
         for s in tqdm(train_series, desc="segmenter data", unit="series")
     ]
-    (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": index}, indent=1))
+    summary = {"config": "cpu", "seed": 0, "target_codes": seg.TARGET_CODES, "cases": index}
+    (data / "index.json").write_text(json.dumps(summary, indent=1))
     # one run per dataset and recipe: a rerun on other series or another contrast starts afresh
     run = (
         out

@@ -107,7 +107,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # served on CPU; it reads data prepared for ``cpu`` (same spacing)
 CONFIGS["wide"] = {**CONFIGS["cpu"], "feature_size": 24}
 # the 2D network predicting vertebral bodies and the sacrum beside the discs (the levels are then
-# named from the vertebral chain, :mod:`discgeo.segmentation`); its data carry those classes
+# named from the vertebral chain, :mod:`discgeo.spine`); its data carry those classes
 CONFIGS["anatomy"] = {
     **CONFIGS["cpu"],
     "classes": ("background", "disc", "vertebral_body", "sacrum"),
@@ -134,6 +134,7 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 DISC, BODY, SACRUM = 1, 2, 3
 NOT_DISC = 254  # any class but disc (a real case whose discs alone are labelled)
 IGNORE = 255  # unknown: no loss there
+TARGET_CODES = {"not_disc": NOT_DISC, "ignore": IGNORE}  # recorded with the data; train checks them
 
 
 def prepare(
@@ -320,7 +321,7 @@ def build_data(
             print(f"SPIDER: {len(unpaired)} of {len(masks)} masks have no image, left out: {unpaired[:5]}")
         for mask_path, image_path in tqdm(pairs, desc="SPIDER", unit="series"):
             index.append(write_spider_series(out, image_path, mask_path, config))
-    summary = {"config": config_name, "seed": seed, "cases": index}
+    summary = {"config": config_name, "seed": seed, "target_codes": TARGET_CODES, "cases": index}
     (out / "index.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -630,6 +631,10 @@ def train(
     lr = config["lr"] if lr is None else lr
     index = json.loads((data / "index.json").read_text())
     prepared = CONFIGS.get(index.get("config"), {})
+    if index.get("target_codes") != TARGET_CODES:
+        raise SystemExit(
+            f"{data} holds targets of an older format: rebuild it with `python -m training.segmenter data`"
+        )
     same = prepared.get("spacing") == config["spacing"] and prepared.get("classes") == config["classes"]
     if not same:  # configurations of one spacing and classes share their data
         raise SystemExit(

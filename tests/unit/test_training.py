@@ -63,9 +63,13 @@ def test_segmenter_trains_resumes_at_a_lower_rate_and_exports(tmp_path, monkeypa
         image[labels == 1] = 0.9
         np.savez_compressed(data / f"phantom-0-{i}.npz", image=image, labels=labels)
         cases.append({"name": f"phantom-0-{i}", "source": "phantom"})
-    (data / "index.json").write_text(json.dumps({"config": "cpu", "seed": 0, "cases": cases}))
+    old = {"config": "cpu", "seed": 0, "cases": cases}  # no target codes: data of an older format
+    (data / "index.json").write_text(json.dumps(old))
     run = tmp_path / "run"
     common = {"config_name": "cpu", "seed": 0, "threads": 2, "max_minutes": 10, "exclude": []}
+    with pytest.raises(SystemExit, match="older format"):
+        train(data, run, epochs=1, steps_per_epoch=1, **common)
+    (data / "index.json").write_text(json.dumps({**old, "target_codes": training.segmenter.TARGET_CODES}))
     train(data, run, epochs=1, steps_per_epoch=1, snapshots_from=1, **common)
     split = torch.load(run / "last.pt", weights_only=False)["validation"]
     assert split == ["phantom-0-2", "phantom-0-3"]  # seed 0's split (seed 1 would pick 0-1 and 0-2)
@@ -273,7 +277,8 @@ def test_segmenter_3d_configuration_prepares_trains_exports_and_segments(tmp_pat
         image[labels == 1] = 0.9
         np.savez_compressed(data / f"phantom-0-{i}.npz", image=image, labels=labels)
         cases.append({"name": f"phantom-0-{i}", "source": "phantom"})
-    (data / "index.json").write_text(json.dumps({"config": "gpu", "seed": 0, "cases": cases}))
+    index = {"config": "gpu", "seed": 0, "target_codes": seg.TARGET_CODES, "cases": cases}
+    (data / "index.json").write_text(json.dumps(index))
     common = {"seed": 0, "threads": 2, "max_minutes": 10, "exclude": [], "steps_per_epoch": 1}
     with pytest.raises(SystemExit, match="prepared for the 'gpu' configuration"):
         seg.train(data, run, config_name="cpu", epochs=1, **common)
