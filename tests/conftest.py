@@ -79,6 +79,26 @@ def band_model(path, centres, roi=(64, 64)) -> None:
     onnx.save(model, path)
 
 
+def _segmenter_artifact(folder: Path, version: str, *, class_names: list[str] | None = None) -> Path:
+    """Write the metadata of a 2D test segmenter (1 mm in-plane, 64 x 64 windows) beside its
+    ``model.onnx``; ``class_names`` for a model of more than background and disc."""
+    extra = {"class_names": class_names} if class_names else {}
+    write_artifact(
+        folder,
+        {
+            "kind": "segmenter",
+            "version": version,
+            "dims": 2,
+            "spacing_mm": [None, 1.0, 1.0],
+            "roi": [64, 64],
+            "classes": len(class_names) if class_names else 2,
+            **extra,
+            "files": {"model": "model.onnx"},
+        },
+    )
+    return folder
+
+
 # normalised intensity of each class in :func:`anatomy_image`: background, sacrum, body, disc
 ANATOMY_BANDS = {"background": 0.0, "sacrum": 0.2, "vertebral_body": 0.6, "disc": 1.0}
 _ANATOMY_CLASSES = ["background", "disc", "vertebral_body", "sacrum"]
@@ -90,20 +110,7 @@ def anatomy_segmenter_artifact(tmp_path_factory) -> Path:
     intensity band (:func:`anatomy_image` draws such images from phantom labels)."""
     folder = tmp_path_factory.mktemp("anatomy-segmenter")
     band_model(folder / "model.onnx", [ANATOMY_BANDS[name] for name in _ANATOMY_CLASSES])
-    write_artifact(
-        folder,
-        {
-            "kind": "segmenter",
-            "version": "anatomy-bands-test",
-            "dims": 2,
-            "spacing_mm": [None, 1.0, 1.0],
-            "roi": [64, 64],
-            "classes": 4,
-            "class_names": _ANATOMY_CLASSES,
-            "files": {"model": "model.onnx"},
-        },
-    )
-    return folder
+    return _segmenter_artifact(folder, "anatomy-bands-test", class_names=_ANATOMY_CLASSES)
 
 
 def anatomy_image(case):
@@ -130,19 +137,7 @@ def threshold_segmenter_artifact(tmp_path_factory) -> Path:
     range as disc: the whole inference path can then be checked against exact answers."""
     folder = tmp_path_factory.mktemp("threshold-segmenter")
     threshold_model(folder / "model.onnx")
-    write_artifact(
-        folder,
-        {
-            "kind": "segmenter",
-            "version": "threshold-test",
-            "dims": 2,
-            "spacing_mm": [None, 1.0, 1.0],
-            "roi": [64, 64],
-            "classes": 2,
-            "files": {"model": "model.onnx"},
-        },
-    )
-    return folder
+    return _segmenter_artifact(folder, "threshold-test")
 
 
 @pytest.fixture(scope="session")
